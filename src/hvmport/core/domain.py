@@ -1,0 +1,705 @@
+"""One domain's ioreq servers, their pages, and the path of a guest I/O access through them.
+
+Sans-io: no file descriptors, threads, sockets or clocks of its own. Memory arrives as
+buffers through a ``PageProvider``, time through a ``Clock``; event-channel notifications
+leave as port numbers in the results. Not thread-safe: the adapter serialises calls (a vCPU
+that waits for a device model does so outside the core, then calls ``poll``).
+
+Every rule a device model can break ends in ``crash`` of *this* domain with a reason; no
+input from a guest or a device model raises into the host.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from hvmport.abi import dm_op as dmop
+from hvmport.abi import ioreq as abi
+from hvmport.core import bufring, slots
+from hvmport.core.clock import Clock
+from hvmport.core.pages import PageProvider
+from hvmport.core.rangeset import RangeSet
+from hvmport.core.vmport import (
+    BackdoorPlatform,
+    BackdoorRegs,
+    Outcome,
+    backdoor,
+    check_port,
+)
+
+PCI_CF8 = 0xCF8
+PCI_CFC = 0xCFC
+MAX_VCPUS = abi.IOREQ_SLOTS_PER_PAGE
+
+RANGE_LIMITS = {
+    dmop.XEN_DMOP_IO_RANGE_PORT: dmop.MAX_NR_IO_RANGES,
+    dmop.XEN_DMOP_IO_RANGE_MEMORY: dmop.MAX_NR_IO_RANGES,
+    dmop.XEN_DMOP_IO_RANGE_PCI: dmop.MAX_NR_IO_RANGES,
+    dmop.XEN_DMOP_IO_RANGE_TIMEOFFSET: 1,
+    dmop.XEN_DMOP_IO_RANGE_VMWARE_PORT: 1,
+}
+SPECIAL_RANGE_TYPES = (dmop.XEN_DMOP_IO_RANGE_TIMEOFFSET, dmop.XEN_DMOP_IO_RANGE_VMWARE_PORT)
+#: The legacy special-page params, in the order the fallback allocator tries them.
+LEGACY_IOREQ_PARAMS = (abi.HVM_PARAM_IOREQ_PFN, abi.HVM_PARAM_BUFIOREQ_PFN)
+SET_ONCE_PARAMS = (
+    abi.HVM_PARAM_IOREQ_PFN, abi.HVM_PARAM_BUFIOREQ_PFN, abi.HVM_PARAM_VMPORT_REGS_PFN,
+    abi.HVM_PARAM_IOREQ_SERVER_PFN, abi.HVM_PARAM_NR_IOREQ_SERVER_PAGES,
+)
+VMPORT_TYPES = (abi.IOREQ_TYPE_VMWARE_PORT, abi.IOREQ_TYPE_VMWARE_PORT_QEMU_COMPAT)
+MASK32 = 0xFFFFFFFF
+MASK64 = 0xFFFFFFFFFFFFFFFF
+
+
+class PageKind(enum.Enum):
+    IOREQ = "ioreq"
+    BUFIOREQ = "bufioreq"
+    VMPORT = "vmport"
+
+
+@dataclass(slots=True)
+class ServerPage:
+    view: memoryview
+    #: The guest frame it lives at (legacy path), or None for a resource frame.
+    gfn: int | None
+
+
+@dataclass(slots=True)
+class IoreqServer:
+    id: int
+    emulator: int
+    flags: int
+    vmport_enabled: bool
+    vcpu_ports: list[int]
+    buf_port: int
+    ranges: dict[int, RangeSet]
+    enabled: bool = False
+    pages: dict[PageKind, ServerPage] = field(default_factory=dict)
+    producer: bufring.Producer | None = None
+
+    @property
+    def bufioreq(self) -> int:
+        return self.flags & dmop.HVM_IOREQSRV_BUFIOREQ_MASK
+
+    def needed_pages(self) -> list[PageKind]:
+        kinds = [PageKind.IOREQ]
+        if self.bufioreq != dmop.HVM_IOREQSRV_BUFIOREQ_OFF:
+            kinds.append(PageKind.BUFIOREQ)
+        # Only a server that itself has vmport enabled gets a registers page; v14 tested
+        # the domain flag here and so broke a second (DISABLE_VMPORT) server.
+        if self.vmport_enabled:
+            kinds.append(PageKind.VMPORT)
+        return kinds
+
+
+class IoStatus(enum.Enum):
+    DONE = "done"  # the access is complete: apply value/regs and resume the vCPU
+    WAIT = "wait"  # forwarded: notify ``notify`` and wait, then call ``poll``
+    CRASHED = "crashed"  # the domain is crashed; ``reason`` says why
+
+
+class Route(enum.Enum):
+    """Where an access went; for tracing and tests."""
+
+    INTERNAL = "internal"  # answered by the in-hypervisor backdoor
+    IGNORED = "ignored"  # backdoor port with wrong port/magic: all ones, never forwarded
+    SERVER = "server"  # an ioreq server
+    NULL = "null"  # no server claims it: reads all ones, writes dropped
+
+
+@dataclass(slots=True)
+class IoResult:
+    status: IoStatus
+    route: Route = Route.NULL
+    #: For a read: the value read (already cut to the access size). For string reads the
+    #: bytes are in ``buffer`` instead.
+    value: int | None = None
+    buffer: bytes = b""
+    #: Registers to write back (only their 32-bit halves differ), or None.
+    regs: BackdoorRegs | None = None
+    notify: int | None = None
+    server: int | None = None
+    ioreq_type: int | None = None
+    command: int | None = None
+    reason: str = ""
+
+
+@dataclass(slots=True)
+class Pending:
+    server_id: int
+    req: abi.IoReq
+    waiter: slots.Waiter
+    #: (addr, size, is_write) as the vCPU presented it, before any PCI rewrite.
+    access: tuple[int, int, bool]
+
+
+@dataclass(slots=True, frozen=True)
+class Crash:
+    reason: str
+    party: str
+
+
+@dataclass(slots=True, frozen=True)
+class ServerInfo:
+    bufioreq_port: int
+    ioreq_gfn: int
+    bufioreq_gfn: int
+
+
+def _ones(size: int) -> int:
+    return slots.size_mask(size)
+
+
+class Domain:
+    def __init__(
+        self,
+        domid: int,
+        nr_vcpus: int,
+        pages: PageProvider,
+        clock: Clock,
+        *,
+        vmware_port: bool = False,
+        vmware_hwver: int = 0,
+        tsc_khz: int = 0,
+        time_offset_s: int = 0,
+        cas64: bufring.Cas64 = bufring.plain_cas64,
+    ) -> None:
+        if not 1 <= nr_vcpus <= MAX_VCPUS:
+            raise ValueError(f"a domain has 1..{MAX_VCPUS} vCPUs, not {nr_vcpus}")
+        self.domid = domid
+        self.nr_vcpus = nr_vcpus
+        self.pages = pages
+        self.clock = clock
+        self.vmware_port = vmware_port
+        self.platform = BackdoorPlatform(tsc_khz, vmware_hwver, time_offset_s)
+        self.cas64 = cas64
+        self.params: dict[int, int] = {}
+        self.legacy_free: set[int] = set()
+        self.pool_base = 0
+        self.pool_free: set[int] = set()
+        self.servers: dict[int, IoreqServer] = {}
+        self.pending: list[Pending | None] = [None] * nr_vcpus
+        self.crash_info: Crash | None = None
+        self.pci_cf8 = 0
+        self._next_port = 1
+        #: Called once when the domain crashes (the adapter stops vCPUs, tells the user).
+        self.on_crash: Callable[[Crash], None] | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def crashed(self) -> bool:
+        return self.crash_info is not None
+
+    def crash(self, reason: str, party: str = "device model") -> None:
+        """Crash this domain; the first reason is kept, later ones are ignored."""
+        if self.crash_info is not None:
+            return
+        self.crash_info = Crash(reason, party)
+        if self.on_crash is not None:
+            self.on_crash(self.crash_info)
+
+    # ------------------------------------------------------------------ HVM params
+
+    def set_param(self, index: int, value: int, *, from_guest: bool = False) -> int:
+        if index in (abi.HVM_PARAM_BUFIOREQ_EVTCHN,):
+            return -errno.EINVAL
+        if index in SET_ONCE_PARAMS:
+            if from_guest:
+                return -errno.EPERM
+            old = self.params.get(index, 0)
+            if old and old != value:
+                return -errno.EEXIST
+            if index == abi.HVM_PARAM_NR_IOREQ_SERVER_PAGES:
+                if not 1 <= value <= 64:
+                    return -errno.EINVAL
+                self.pool_free = set(range(value))
+            elif index == abi.HVM_PARAM_IOREQ_SERVER_PFN:
+                self.pool_base = value
+            elif value:
+                # A non-zero legacy gfn is free for any server to take.
+                self.legacy_free.add(index)
+        self.params[index] = value
+        return 0
+
+    def get_param(self, index: int, *, from_guest: bool = False) -> tuple[int, int]:
+        if index == abi.HVM_PARAM_BUFIOREQ_EVTCHN:
+            return -errno.EINVAL, 0
+        if from_guest and index in SET_ONCE_PARAMS:
+            return -errno.EPERM, 0
+        return 0, self.params.get(index, 0)
+
+    def _alloc_gfn(self, kind: PageKind) -> int | None:
+        if kind is PageKind.VMPORT:
+            # The device model learns this gfn only from HVM_PARAM_VMPORT_REGS_PFN
+            # (get_info has no field for it), so it can come from nowhere else.
+            if abi.HVM_PARAM_VMPORT_REGS_PFN in self.legacy_free:
+                self.legacy_free.discard(abi.HVM_PARAM_VMPORT_REGS_PFN)
+                return self.params[abi.HVM_PARAM_VMPORT_REGS_PFN]
+            return None
+        if self.pool_free:
+            bit = min(self.pool_free)
+            self.pool_free.discard(bit)
+            return self.pool_base + bit
+        # The legacy fallback hands out a gfn that is free (the bit is set) and marks it
+        # used: v14's fix, and upstream's 282ed258a5 (2025).
+        for index in LEGACY_IOREQ_PARAMS:
+            if index in self.legacy_free:
+                self.legacy_free.discard(index)
+                return self.params[index]
+        return None
+
+    def _free_gfn(self, gfn: int) -> None:
+        nr = self.params.get(abi.HVM_PARAM_NR_IOREQ_SERVER_PAGES, 0)
+        if self.pool_base <= gfn < self.pool_base + nr:
+            self.pool_free.add(gfn - self.pool_base)
+            return
+        for index in (*LEGACY_IOREQ_PARAMS, abi.HVM_PARAM_VMPORT_REGS_PFN):
+            if self.params.get(index) == gfn:
+                self.legacy_free.add(index)
+                return
+
+    # ------------------------------------------------------------------ servers (dm_op)
+
+    def _server(self, caller: int, sid: int) -> tuple[int, IoreqServer | None]:
+        server = self.servers.get(sid)
+        if server is None:
+            return -errno.ENOENT, None
+        if server.emulator != caller:
+            return -errno.EPERM, None
+        return 0, server
+
+    def _alloc_port(self) -> int:
+        port = self._next_port
+        self._next_port += 1
+        return port
+
+    def create_server(self, caller: int, flags: int) -> tuple[int, int]:
+        if self.crashed:
+            return -errno.EINVAL, 0
+        if flags & ~dmop.HVM_IOREQSRV_FLAGS_MASK:
+            return -errno.EINVAL, 0
+        if (flags & dmop.HVM_IOREQSRV_BUFIOREQ_MASK) > dmop.HVM_IOREQSRV_BUFIOREQ_ATOMIC:
+            return -errno.EINVAL, 0
+        free = [i for i in range(dmop.MAX_NR_IOREQ_SERVERS) if i not in self.servers]
+        if not free:
+            return -errno.ENOSPC, 0
+        sid = free[0]
+        vmport_enabled = self.vmware_port and not flags & dmop.HVM_IOREQSRV_DISABLE_VMPORT
+        ranges = {
+            t: RangeSet(limit, special_only=t in SPECIAL_RANGE_TYPES)
+            for t, limit in RANGE_LIMITS.items()
+        }
+        if vmport_enabled:
+            ranges[dmop.XEN_DMOP_IO_RANGE_VMWARE_PORT].add(1, 1)
+        server = IoreqServer(
+            sid, caller, flags, vmport_enabled,
+            [self._alloc_port() for _ in range(self.nr_vcpus)],
+            self._alloc_port() if flags & dmop.HVM_IOREQSRV_BUFIOREQ_MASK else 0,
+            ranges,
+        )
+        self.servers[sid] = server
+        return 0, sid
+
+    def get_server_info(self, caller: int, sid: int, want_gfns: bool) -> tuple[int, ServerInfo]:
+        rc, server = self._server(caller, sid)
+        if server is None or self.crashed:
+            return rc or -errno.EINVAL, ServerInfo(0, 0, 0)
+        if want_gfns:
+            rc = self._map_gfns(server)
+            if rc:
+                return rc, ServerInfo(0, 0, 0)
+        ioreq_gfn = bufioreq_gfn = 0
+        if want_gfns:
+            ioreq_gfn = server.pages[PageKind.IOREQ].gfn or 0
+            if PageKind.BUFIOREQ in server.pages:
+                bufioreq_gfn = server.pages[PageKind.BUFIOREQ].gfn or 0
+        return 0, ServerInfo(server.buf_port, ioreq_gfn, bufioreq_gfn)
+
+    def _map_gfns(self, server: IoreqServer) -> int:
+        kinds = server.needed_pages()
+        # The two ways of reaching a page exclude each other.
+        for kind in kinds:
+            page = server.pages.get(kind)
+            if page is not None and page.gfn is None:
+                return -errno.EPERM
+        added: list[PageKind] = []
+        for kind in kinds:
+            if kind in server.pages:
+                continue
+            gfn = self._alloc_gfn(kind)
+            view = self.pages.guest_frame(gfn) if gfn is not None else None
+            if gfn is None or view is None:
+                if gfn is not None:
+                    self._free_gfn(gfn)
+                for k in added:
+                    self._free_gfn(server.pages.pop(k).gfn or 0)
+                return -errno.ENOMEM
+            server.pages[kind] = ServerPage(view, gfn)
+            added.append(kind)
+        if server.enabled:
+            for kind in added:
+                self._hide(server, server.pages[kind])
+            self._write_eports(server)
+        return 0
+
+    def acquire_resource(self, caller: int, sid: int, frame: int) -> tuple[int, memoryview | None]:
+        rc, server = self._server(caller, sid)
+        if server is None or self.crashed:
+            return rc or -errno.EINVAL, None
+        if frame == dmop.XENMEM_resource_ioreq_server_frame_bufioreq:
+            kind = PageKind.BUFIOREQ
+        elif frame == dmop.XENMEM_resource_ioreq_server_frame_ioreq(0):
+            kind = PageKind.IOREQ
+        elif frame == dmop.HVMPORT_RESOURCE_IOREQ_SERVER_FRAME_VMPORT:
+            kind = PageKind.VMPORT
+        else:
+            return -errno.EINVAL, None
+        if kind not in server.needed_pages():
+            return -errno.ENOENT, None
+        page = server.pages.get(kind)
+        if page is not None and page.gfn is not None:
+            return -errno.EPERM, None
+        if page is None:
+            page = server.pages[kind] = ServerPage(self.pages.alloc_frame(), None)
+            if server.enabled:
+                self._write_eports(server)
+                self._start_ring(server)
+        return 0, page.view
+
+    def map_range(self, caller: int, sid: int, rtype: int, start: int, end: int) -> int:
+        if rtype not in RANGE_LIMITS or start > end:
+            return -errno.EINVAL
+        rc, server = self._server(caller, sid)
+        if server is None:
+            return rc
+        rs = server.ranges[rtype]
+        if rs.overlaps(start, end):
+            return -errno.EEXIST
+        return rs.add(start, end)
+
+    def unmap_range(self, caller: int, sid: int, rtype: int, start: int, end: int) -> int:
+        if rtype not in RANGE_LIMITS or start > end:
+            return -errno.EINVAL
+        rc, server = self._server(caller, sid)
+        if server is None:
+            return rc
+        return server.ranges[rtype].remove(start, end)
+
+    def set_server_state(self, caller: int, sid: int, enabled: bool) -> int:
+        rc, server = self._server(caller, sid)
+        if server is None:
+            return rc
+        if enabled == server.enabled:
+            return 0
+        if enabled:
+            self._enable(server)
+        else:
+            self._disable(server)
+        return 0
+
+    def destroy_server(self, caller: int, sid: int) -> int:
+        rc, server = self._server(caller, sid)
+        if server is None:
+            return rc
+        if server.enabled:
+            self._disable(server)
+        for page in server.pages.values():
+            if page.gfn is None:
+                self.pages.free_frame(page.view)
+            else:
+                self._free_gfn(page.gfn)
+        server.pages.clear()
+        del self.servers[sid]
+        return 0
+
+    def _hide(self, server: IoreqServer, page: ServerPage) -> None:
+        if page.gfn is None:
+            return
+        if not self.pages.physmap_remove(page.gfn):
+            self.crash(f"cannot remove ioreq server {server.id}'s page at gfn {page.gfn:#x} "
+                       f"from the guest physmap", "hypervisor")
+        page.view[:] = bytes(len(page.view))
+
+    def _enable(self, server: IoreqServer) -> None:
+        # A server enabled before the device model reached its pages still needs them:
+        # give it resource frames rather than ever sending into nothing.
+        for kind in server.needed_pages():
+            if kind not in server.pages:
+                server.pages[kind] = ServerPage(self.pages.alloc_frame(), None)
+        for page in server.pages.values():
+            self._hide(server, page)
+        server.enabled = True
+        self._write_eports(server)
+        self._start_ring(server)
+
+    def _disable(self, server: IoreqServer) -> None:
+        for page in server.pages.values():
+            if page.gfn is not None:
+                page.view[:] = bytes(len(page.view))
+                self.pages.physmap_add(page.gfn)
+        server.enabled = False
+        server.producer = None
+
+    def _write_eports(self, server: IoreqServer) -> None:
+        page = server.pages.get(PageKind.IOREQ)
+        if page is None:
+            return
+        for vcpu, port in enumerate(server.vcpu_ports):
+            off = slots.slot_offset(vcpu) + 24
+            page.view[off:off + 4] = port.to_bytes(4, "little")
+
+    def _start_ring(self, server: IoreqServer) -> None:
+        page = server.pages.get(PageKind.BUFIOREQ)
+        if page is not None and server.producer is None:
+            server.producer = bufring.Producer(page.view, server.bufioreq, self.cas64)
+
+    def set_isa_irq_level(self, irq: int, level: int) -> int:
+        if irq > 15 or level > 1:
+            return -errno.EINVAL
+        return 0
+
+    # ------------------------------------------------------------------ selection
+
+    def select_server(
+        self, ioreq_type: int, addr: int, size: int, count: int = 1, df: bool = False
+    ) -> tuple[IoreqServer | None, int, int]:
+        """The server for an access, walking ids from 7 down so the newest wins.
+
+        Returns (server, type, addr): a PIO access to 0xcfc..0xcff while 0xcf8 has its
+        enable bit becomes a PCI_CONFIG request when a server claims that SBDF.
+        """
+        enabled = [s for _, s in sorted(self.servers.items(), reverse=True) if s.enabled]
+        if ioreq_type in VMPORT_TYPES or ioreq_type == abi.IOREQ_TYPE_TIMEOFFSET:
+            rtype = (dmop.XEN_DMOP_IO_RANGE_TIMEOFFSET if ioreq_type == abi.IOREQ_TYPE_TIMEOFFSET
+                     else dmop.XEN_DMOP_IO_RANGE_VMWARE_PORT)
+            for s in enabled:
+                if s.ranges[rtype].contains_point(1):
+                    return s, ioreq_type, addr
+            return None, ioreq_type, addr
+        if ioreq_type == abi.IOREQ_TYPE_PIO and (addr & ~3) == PCI_CFC and self.pci_cf8 >> 31:
+            sbdf = (self.pci_cf8 >> 8) & 0xFFFF
+            reg = (self.pci_cf8 & 0xFC) | (addr & 3)
+            for s in enabled:
+                if s.ranges[dmop.XEN_DMOP_IO_RANGE_PCI].contains_point(sbdf):
+                    return s, abi.IOREQ_TYPE_PCI_CONFIG, (sbdf << 32) | reg
+        if ioreq_type == abi.IOREQ_TYPE_PIO:
+            rtype, first, last = dmop.XEN_DMOP_IO_RANGE_PORT, addr, addr + size - 1
+        elif ioreq_type == abi.IOREQ_TYPE_COPY:
+            span = (count - 1) * size
+            first = addr - span if df else addr
+            last = first + span + size - 1
+            rtype = dmop.XEN_DMOP_IO_RANGE_MEMORY
+        else:
+            return None, ioreq_type, addr
+        for s in enabled:
+            if s.ranges[rtype].contains(first, last):
+                return s, ioreq_type, addr
+        return None, ioreq_type, addr
+
+    # ------------------------------------------------------------------ guest accesses
+
+    def pio(
+        self,
+        vcpu: int,
+        port: int,
+        size: int,
+        is_write: bool,
+        value: int,
+        regs: BackdoorRegs,
+        cpl: int,
+        *,
+        string: bool = False,
+        count: int = 1,
+        df: bool = False,
+        buffer_gpa: int | None = None,
+    ) -> IoResult:
+        """One port access from the guest, after the adapter's own ports declined it.
+
+        ``value`` is the data of a non-string write. A string access (INS/OUTS) is never a
+        backdoor call (the series excluded ``data_is_ptr`` too, review point R4): with a
+        ``buffer_gpa`` it is forwarded as a ``data_is_ptr`` request on guest memory, else
+        element by element by the caller.
+        """
+        if self.crashed:
+            return self._crashed()
+        self._check_idle(vcpu)
+        if size not in (1, 2, 4) or not 0 <= port <= 0xFFFF:
+            raise ValueError(f"impossible port access: port {port:#x} size {size}")
+        value &= _ones(size)
+        if is_write and not string and size == 4 and port == PCI_CF8:
+            self.pci_cf8 = value
+        if self.vmware_port and not string and check_port(port, size):
+            result = backdoor(port, regs, cpl, self.platform, self.clock)
+            if result.outcome is Outcome.IGNORED:
+                return IoResult(IoStatus.DONE, Route.IGNORED,
+                                None if is_write else _ones(size))
+            if result.outcome is Outcome.HANDLED:
+                return IoResult(IoStatus.DONE, Route.INTERNAL,
+                                None if is_write else result.in_value & _ones(size),
+                                regs=result.regs, command=result.command)
+            return self._forward_vmport(vcpu, port, size, is_write, regs, result.command)
+        server, rtype, addr = self.select_server(abi.IOREQ_TYPE_PIO, port, size)
+        if server is None:
+            if is_write:
+                return IoResult(IoStatus.DONE, Route.NULL)
+            if string:
+                return IoResult(IoStatus.DONE, Route.NULL, buffer=b"\xff" * (size * count))
+            return IoResult(IoStatus.DONE, Route.NULL, _ones(size))
+        req = abi.IoReq(addr=addr, size=size, count=count, type=rtype,
+                        dir=abi.IOREQ_WRITE if is_write else abi.IOREQ_READ, df=df)
+        if string and buffer_gpa is not None:
+            req.data_is_ptr = True
+            req.data = buffer_gpa
+        elif is_write:
+            req.data = value
+        return self._send(server, vcpu, req, (port, size, is_write))
+
+    def mmio(self, vcpu: int, addr: int, size: int, is_write: bool, value: int, *,
+             count: int = 1, df: bool = False) -> IoResult:
+        if self.crashed:
+            return self._crashed()
+        self._check_idle(vcpu)
+        if size not in (1, 2, 4, 8):
+            raise ValueError(f"impossible MMIO size {size}")
+        server, _, _ = self.select_server(abi.IOREQ_TYPE_COPY, addr, size, count, df)
+        if server is None:
+            return IoResult(IoStatus.DONE, Route.NULL, None if is_write else _ones(size))
+        req = abi.IoReq(addr=addr, size=size, count=count, type=abi.IOREQ_TYPE_COPY,
+                        dir=abi.IOREQ_WRITE if is_write else abi.IOREQ_READ, df=df,
+                        data=value & _ones(size) if is_write else 0)
+        return self._send(server, vcpu, req, (addr, size, is_write))
+
+    def _forward_vmport(self, vcpu: int, port: int, size: int, is_write: bool,
+                        regs: BackdoorRegs, command: int) -> IoResult:
+        server, _, _ = self.select_server(abi.IOREQ_TYPE_VMWARE_PORT, port, size)
+        page = server.pages.get(PageKind.VMPORT) if server is not None else None
+        if server is None or page is None:
+            return IoResult(IoStatus.DONE, Route.NULL, None if is_write else _ones(size),
+                            command=command)
+        off = vcpu * abi.VMWARE_REGS_SIZE
+        page.view[off:off + abi.VMWARE_REGS_SIZE] = abi.VmwareRegs(
+            regs.rsi & MASK32, regs.rdi & MASK32, regs.rbx & MASK32, regs.rcx & MASK32,
+            regs.rdx & MASK32,
+        ).pack()
+        req = abi.IoReq(addr=port, data=regs.rax & MASK64, size=size, count=1,
+                        type=abi.IOREQ_TYPE_VMWARE_PORT,
+                        dir=abi.IOREQ_WRITE if is_write else abi.IOREQ_READ)
+        result = self._send(server, vcpu, req, (port, size, is_write))
+        result.command = command
+        return result
+
+    def _send(self, server: IoreqServer, vcpu: int, req: abi.IoReq,
+              access: tuple[int, int, bool]) -> IoResult:
+        page = server.pages[PageKind.IOREQ]
+        reason = slots.post(page.view, vcpu, req, server.vcpu_ports[vcpu])
+        if reason is not None:
+            self.crash(reason)
+            return self._crashed()
+        self.pending[vcpu] = Pending(server.id, req, slots.Waiter(vcpu, req), access)
+        return IoResult(IoStatus.WAIT, Route.SERVER, notify=server.vcpu_ports[vcpu],
+                        server=server.id, ioreq_type=req.type)
+
+    def poll(self, vcpu: int, regs: BackdoorRegs,
+             reissue: tuple[int, int, bool] | None = None) -> IoResult:
+        """Look once at a forwarded request; DONE when the device model has answered.
+
+        ``reissue`` = (addr, size, is_write) of the access as the vCPU re-presents it at
+        completion: it must match what was sent, or the domain crashes (Xen's re-issue
+        check).
+        """
+        pending = self.pending[vcpu]
+        if pending is None:
+            raise ValueError(f"vCPU {vcpu} has no request in flight")
+        if self.crashed:
+            self.pending[vcpu] = None
+            return self._crashed()
+        req = pending.req
+        if reissue is not None and reissue != pending.access:
+            self.pending[vcpu] = None
+            self.crash(f"emulation request re-issued as {reissue}, sent as {pending.access}",
+                       "hypervisor")
+            return self._crashed()
+        server = self.servers.get(pending.server_id)
+        base = IoResult(IoStatus.DONE, Route.SERVER, server=pending.server_id,
+                        ioreq_type=req.type)
+        if server is None or PageKind.IOREQ not in server.pages:
+            # Destroyed under the request: as if the emulator died.
+            self.pending[vcpu] = None
+            base.reason = "ioreq server destroyed while a request was in flight"
+            return self._finish(base, req, _ones(req.size), None)
+        polled = pending.waiter.poll(server.pages[PageKind.IOREQ].view)
+        if polled.status is slots.Poll.PENDING:
+            return IoResult(IoStatus.WAIT, Route.SERVER, server=server.id, ioreq_type=req.type)
+        self.pending[vcpu] = None
+        if polled.status is slots.Poll.CRASH:
+            self.crash(f"ioreq server {server.id}: {polled.reason}")
+            return self._crashed()
+        if polled.status is slots.Poll.DIED:
+            base.reason = polled.reason
+            return self._finish(base, req, polled.data, None)
+        vmregs = None
+        if req.type in VMPORT_TYPES:
+            # Review point R10: the registers come from the server that handled the request.
+            page = server.pages.get(PageKind.VMPORT)
+            if page is not None:
+                off = vcpu * abi.VMWARE_REGS_SIZE
+                vmregs = abi.VmwareRegs.unpack(bytes(page.view[off:off + abi.VMWARE_REGS_SIZE]))
+        return self._finish(base, req, polled.data, (regs, vmregs))
+
+    def _finish(self, result: IoResult, req: abi.IoReq, data: int,
+                vmport: tuple[BackdoorRegs, abi.VmwareRegs | None] | None) -> IoResult:
+        vr = vmport[1] if vmport is not None else None
+        if req.type in VMPORT_TYPES and vmport is not None and vr is not None:
+            regs = vmport[0]
+            result.regs = BackdoorRegs(
+                regs.rax,
+                (regs.rbx & ~MASK32 & MASK64) | vr.ebx,
+                (regs.rcx & ~MASK32 & MASK64) | vr.ecx,
+                (regs.rdx & ~MASK32 & MASK64) | vr.edx,
+                (regs.rsi & ~MASK32 & MASK64) | vr.esi,
+                (regs.rdi & ~MASK32 & MASK64) | vr.edi,
+            )
+        if req.dir == abi.IOREQ_READ and not req.data_is_ptr:
+            result.value = data & _ones(req.size)
+        return result
+
+    def _check_idle(self, vcpu: int) -> None:
+        if not 0 <= vcpu < self.nr_vcpus:
+            raise ValueError(f"no vCPU {vcpu}")
+        if self.pending[vcpu] is not None:
+            raise ValueError(f"vCPU {vcpu} issued I/O while a request is in flight")
+
+    def _crashed(self) -> IoResult:
+        assert self.crash_info is not None
+        return IoResult(IoStatus.CRASHED, reason=self.crash_info.reason)
+
+    # ------------------------------------------------------------------ buffered
+
+    def send_buffered(self, sid: int, ioreq_type: int, addr: int, size: int,
+                      data: int) -> tuple[bufring.Send, int | None]:
+        """Queue a write on a server's ring; returns the status and the port to notify."""
+        server = self.servers.get(sid)
+        if self.crashed or server is None or server.producer is None:
+            return bufring.Send.UNBUFFERABLE, None
+        result = server.producer.send(ioreq_type, addr, size, data)
+        if result.status is bufring.Send.CORRUPT:
+            self.crash(f"ioreq server {sid}: {result.reason}")
+        if result.status is bufring.Send.QUEUED:
+            return result.status, server.buf_port
+        return result.status, None
+
+    def broadcast_timeoffset(self, seconds: int) -> list[int]:
+        """Tell every buffered server the guest's RTC offset; returns ports to notify."""
+        self.platform = BackdoorPlatform(self.platform.tsc_khz, self.platform.vmware_hwver,
+                                         seconds)
+        ports = []
+        for sid, server in sorted(self.servers.items()):
+            if server.enabled and server.producer is not None:
+                status, port = self.send_buffered(sid, abi.IOREQ_TYPE_TIMEOFFSET, 0, 8,
+                                                  seconds & MASK64)
+                if port is not None and status is bufring.Send.QUEUED:
+                    ports.append(port)
+        return ports

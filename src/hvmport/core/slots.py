@@ -1,0 +1,140 @@
+"""The per-vCPU ioreq slot protocol, both sides, over a shared page held as a buffer.
+
+Every step reads the state byte once, and a slot is copied once before it is looked at
+(no double fetch: XSA-166/197/262). The state only moves forward:
+NONE -> READY (hypervisor) -> INPROCESS (device model) -> IORESP_READY (device model) ->
+NONE (hypervisor).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from hvmport.abi.ioreq import (
+    IOREQ_SIZE,
+    IOREQ_STATE_BYTE,
+    STATE_IOREQ_INPROCESS,
+    STATE_IOREQ_NONE,
+    STATE_IOREQ_READY,
+    STATE_IORESP_READY,
+    IoReq,
+)
+
+Page = memoryview | bytearray
+
+
+def slot_offset(vcpu: int) -> int:
+    return vcpu * IOREQ_SIZE
+
+
+def read_state(page: Page, vcpu: int) -> int:
+    return page[slot_offset(vcpu) + IOREQ_STATE_BYTE] & 0xF
+
+
+def _write_state(page: Page, vcpu: int, state: int) -> None:
+    off = slot_offset(vcpu) + IOREQ_STATE_BYTE
+    page[off] = (page[off] & 0xF0) | state
+
+
+def size_mask(size: int) -> int:
+    return (1 << (8 * size)) - 1 if 0 < size < 8 else 0xFFFFFFFFFFFFFFFF
+
+
+# ---------------------------------------------------------------- hypervisor side
+
+
+def post(page: Page, vcpu: int, req: IoReq, vp_eport: int) -> str | None:
+    """Write ``req`` into the vCPU's slot and mark it READY.
+
+    Returns None, or the reason the domain must crash (the device model left the slot busy
+    or rewrote ``vp_eport``), as Xen's ``hvm_send_ioreq`` refuses such a slot.
+    """
+    off = slot_offset(vcpu)
+    current = IoReq.unpack(bytes(page[off:off + IOREQ_SIZE]))
+    if current.state != STATE_IOREQ_NONE:
+        return f"device model set bad IO state {current.state} in vCPU {vcpu}'s slot"
+    if current.vp_eport != vp_eport:
+        return (f"device model changed vp_eport of vCPU {vcpu}'s slot "
+                f"({current.vp_eport} != {vp_eport})")
+    req.state = STATE_IOREQ_NONE
+    req.vp_eport = vp_eport
+    page[off:off + IOREQ_SIZE] = req.pack()
+    # The request is complete in the page before the state says READY.
+    _write_state(page, vcpu, STATE_IOREQ_READY)
+    return None
+
+
+class Poll(enum.Enum):
+    PENDING = "pending"
+    DONE = "done"
+    DIED = "died"  # the emulator went back to NONE: Xen reads all ones
+    CRASH = "crash"
+
+
+@dataclass(slots=True)
+class PollResult:
+    status: Poll
+    data: int = 0
+    reason: str = ""
+
+
+#: Fields a device model must hand back unchanged.
+_FROZEN = ("addr", "size", "count", "type", "vp_eport", "dir", "df", "data_is_ptr")
+
+
+class Waiter:
+    """The hypervisor's wait for one request: remembers the last state seen."""
+
+    __slots__ = ("prev_state", "sent", "vcpu")
+
+    def __init__(self, vcpu: int, sent: IoReq) -> None:
+        self.vcpu = vcpu
+        self.sent = sent
+        self.prev_state = STATE_IOREQ_READY
+
+    def poll(self, page: Page) -> PollResult:
+        state = read_state(page, self.vcpu)
+        if state == STATE_IOREQ_NONE:
+            return PollResult(Poll.DIED, size_mask(self.sent.size),
+                              "device model returned the slot to NONE mid-request")
+        if state > STATE_IORESP_READY:
+            return PollResult(Poll.CRASH, reason=f"device model wrote unknown ioreq state {state}")
+        if state < self.prev_state:
+            return PollResult(Poll.CRASH, reason=(
+                f"device model moved ioreq state backwards ({self.prev_state} -> {state})"))
+        if state != STATE_IORESP_READY:
+            self.prev_state = state
+            return PollResult(Poll.PENDING)
+        off = slot_offset(self.vcpu)
+        got = IoReq.unpack(bytes(page[off:off + IOREQ_SIZE]))
+        for name in _FROZEN:
+            if getattr(got, name) != getattr(self.sent, name):
+                return PollResult(Poll.CRASH, reason=(
+                    f"device model changed ioreq {name} "
+                    f"({getattr(self.sent, name)!r} -> {getattr(got, name)!r})"))
+        _write_state(page, self.vcpu, STATE_IOREQ_NONE)
+        return PollResult(Poll.DONE, got.data & size_mask(self.sent.size))
+
+
+# ---------------------------------------------------------------- device-model side
+
+
+def take(page: Page, vcpu: int) -> IoReq | None:
+    """If the slot is READY: copy it once, mark it INPROCESS and return the copy."""
+    if read_state(page, vcpu) != STATE_IOREQ_READY:
+        return None
+    off = slot_offset(vcpu)
+    req = IoReq.unpack(bytes(page[off:off + IOREQ_SIZE]))
+    if req.state != STATE_IOREQ_READY:
+        return None
+    _write_state(page, vcpu, STATE_IOREQ_INPROCESS)
+    return req
+
+
+def respond(page: Page, vcpu: int, data: int | None) -> None:
+    """Write the result (only ``data``, nothing else) and mark the slot IORESP_READY."""
+    off = slot_offset(vcpu)
+    if data is not None:
+        page[off + 8:off + 16] = (data & 0xFFFFFFFFFFFFFFFF).to_bytes(8, "little")
+    _write_state(page, vcpu, STATE_IORESP_READY)
