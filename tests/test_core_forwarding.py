@@ -97,6 +97,16 @@ def test_vmware_port_out_needs_completion_and_returns_registers() -> None:
     assert done.regs is not None and done.regs.rbx == 0x42
 
 
+def test_qemu_compatible_server_gets_type_3() -> None:
+    d, _ = make_domain()
+    sid = enabled_server(d, ATOMIC | dmop.HVMPORT_IOREQSRV_VMPORT_QEMU_TYPE)
+    res = backdoor_in(d, regs(rcx=STATUS))
+    assert res.ioreq_type == abi.IOREQ_TYPE_VMWARE_PORT_QEMU_COMPAT
+    assert dm_answer(d, sid, 0, 5, abi.VmwareRegs(ebx=7)).type == 3
+    done = d.poll(0, regs())
+    assert done.value == 5 and done.regs is not None and done.regs.rbx == 7
+
+
 @pytest.mark.parametrize("size", [1, 2])
 def test_narrow_vmware_port_access(size: int) -> None:
     d, _ = make_domain()

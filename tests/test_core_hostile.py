@@ -86,7 +86,7 @@ class HostileWorld(RuleBasedStateMachine):
         before = len(self.d.servers)
         r = call(self.d, ops.create_ioreq_server(flags), caller)
         self._rc(r.rc)
-        if flags & ~7 or (flags & 3) == 3:
+        if flags & ~0xF or (flags & 3) == 3:
             assert r.rc == -errno.EINVAL and len(self.d.servers) == before
 
     @rule(raw=st.binary(max_size=40), caller=callers)
@@ -192,7 +192,8 @@ class HostileWorld(RuleBasedStateMachine):
             assert res.server is not None
             server = self.d.servers[res.server]
             assert server.enabled
-            if res.ioreq_type == abi.IOREQ_TYPE_VMWARE_PORT:
+            if res.ioreq_type in (abi.IOREQ_TYPE_VMWARE_PORT,
+                                  abi.IOREQ_TYPE_VMWARE_PORT_QEMU_COMPAT):
                 assert server.ranges[dmop.XEN_DMOP_IO_RANGE_VMWARE_PORT].contains_point(1)
                 assert PageKind.VMPORT in server.pages
                 assert port + size <= 0x565C and port >= 0x5658

@@ -140,6 +140,8 @@ struct xen_mem_acquire_resource {
 #define XENMEM_resource_ioreq_server 0
 #define XENMEM_resource_ioreq_server_frame_bufioreq 0
 #define HVMPORT_RESOURCE_IOREQ_SERVER_FRAME_VMPORT 0x100
+#define HVMPORT_IOREQSRV_VMPORT_QEMU_TYPE (1 << 3)
+#define HVMPORT_IOREQSRV_EXT_MASK HVMPORT_IOREQSRV_VMPORT_QEMU_TYPE
 /* VMware backdoor */
 #define BDOOR_MAGIC 0x564D5868
 #define BDOOR_PORT 0x5658

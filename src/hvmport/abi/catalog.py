@@ -26,8 +26,9 @@ def constants() -> dict[str, int]:
     out: dict[str, int] = {}
     for module in _MODULES:
         for name, value in vars(module).items():
-            if name not in _DERIVED and (name.isupper() or name.startswith(("XEN", "__HYPERVISOR"))) and \
-                    isinstance(value, int) and not isinstance(value, bool):
+            public = name.isupper() or name.startswith(("XEN", "__HYPERVISOR"))
+            if public and name not in _DERIVED and isinstance(value, int) \
+                    and not isinstance(value, bool):
                 out[name] = value
     return out
 

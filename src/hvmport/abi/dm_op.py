@@ -34,6 +34,12 @@ HVM_IOREQSRV_BUFIOREQ_MASK = 3
 HVM_IOREQSRV_DISABLE_VMPORT = 4
 HVM_IOREQSRV_FLAGS_MASK = 7
 
+# hvmport extensions to the create flags, above Xen's mask. A hypervisor that does not know
+# them refuses them (-EINVAL), so a device model can probe for them safely.
+#: Deliver VMWARE_PORT requests with QEMU's fallback type number 3 instead of 9.
+HVMPORT_IOREQSRV_VMPORT_QEMU_TYPE = 1 << 3
+HVMPORT_IOREQSRV_EXT_MASK = HVMPORT_IOREQSRV_VMPORT_QEMU_TYPE
+
 MAX_NR_IOREQ_SERVERS = 8
 MAX_NR_IO_RANGES = 256
 

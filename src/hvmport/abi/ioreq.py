@@ -6,12 +6,13 @@ Byte-exact, little-endian, x86-64. Names are Xen's, verbatim. The codecs take a 
 
 from __future__ import annotations
 
+import mmap
 import struct
 from dataclasses import dataclass
 
 from hvmport.abi.layout import BitField, Field, StructLayout
 
-Buffer = bytes | bytearray | memoryview
+Buffer = bytes | bytearray | memoryview | mmap.mmap
 
 # Directions and slot states.
 IOREQ_READ = 1

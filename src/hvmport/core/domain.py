@@ -279,7 +279,7 @@ class Domain:
     def create_server(self, caller: int, flags: int) -> tuple[int, int]:
         if self.crashed:
             return -errno.EINVAL, 0
-        if flags & ~dmop.HVM_IOREQSRV_FLAGS_MASK:
+        if flags & ~(dmop.HVM_IOREQSRV_FLAGS_MASK | dmop.HVMPORT_IOREQSRV_EXT_MASK):
             return -errno.EINVAL, 0
         if (flags & dmop.HVM_IOREQSRV_BUFIOREQ_MASK) > dmop.HVM_IOREQSRV_BUFIOREQ_ATOMIC:
             return -errno.EINVAL, 0
@@ -584,8 +584,10 @@ class Domain:
             regs.rsi & MASK32, regs.rdi & MASK32, regs.rbx & MASK32, regs.rcx & MASK32,
             regs.rdx & MASK32,
         ).pack()
+        qemu_type = server.flags & dmop.HVMPORT_IOREQSRV_VMPORT_QEMU_TYPE
         req = abi.IoReq(addr=port, data=regs.rax & MASK64, size=size, count=1,
-                        type=abi.IOREQ_TYPE_VMWARE_PORT,
+                        type=abi.IOREQ_TYPE_VMWARE_PORT_QEMU_COMPAT if qemu_type
+                        else abi.IOREQ_TYPE_VMWARE_PORT,
                         dir=abi.IOREQ_WRITE if is_write else abi.IOREQ_READ)
         result = self._send(server, vcpu, req, (port, size, is_write))
         result.command = command
