@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from hvmport.errors import HostError
@@ -63,3 +64,53 @@ def assemble_flat(source: str, bits: int, org: int) -> bytes:
     tmp_out.write_bytes(data)
     tmp_out.replace(out)
     return data
+
+
+def assemble_file(
+    source: Path,
+    output: Path,
+    bits: int,
+    *,
+    defsyms: Mapping[str, int] | None = None,
+    include_dirs: Sequence[Path] = (),
+) -> None:
+    """Assemble one GNU as source file into an object file.
+
+    ``bits`` selects the object format (16 and 32: i386, 64: x86-64); the source picks its
+    own code size. ``defsyms`` become ``--defsym NAME=VALUE``, which is how one source
+    is assembled for several modes.
+    """
+    if bits not in _AS_FLAGS:
+        raise ValueError(f"bits must be 16, 32 or 64, not {bits}")
+    require_tools("as")
+    cmd = ["as", *_AS_FLAGS[bits]]
+    for name, value in (defsyms or {}).items():
+        cmd += ["--defsym", f"{name}={value:#x}"]
+    for directory in include_dirs:
+        cmd += ["-I", str(directory)]
+    cmd += ["-o", str(output), str(source)]
+    _run(cmd)
+
+
+def link(
+    objects: Sequence[Path],
+    output: Path,
+    bits: int,
+    *,
+    script: Path,
+    defsyms: Mapping[str, int] | None = None,
+    binary: bool = False,
+) -> None:
+    """Link objects with a linker script into an ELF executable or, with ``binary``, a flat
+    memory image (``--oformat binary``)."""
+    if bits not in _LD_EMUL:
+        raise ValueError(f"bits must be 16, 32 or 64, not {bits}")
+    require_tools("ld")
+    cmd = ["ld", "-m", _LD_EMUL[bits], "-z", "max-page-size=0x1000", "-z", "noseparate-code"]
+    for name, value in (defsyms or {}).items():
+        cmd += ["--defsym", f"{name}={value:#x}"]
+    cmd += ["-T", str(script)]
+    if binary:
+        cmd += ["--oformat", "binary"]
+    cmd += ["-o", str(output), *(str(o) for o in objects)]
+    _run(cmd)
