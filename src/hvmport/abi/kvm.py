@@ -63,20 +63,16 @@ u32 = ctypes.c_uint32
 u64 = ctypes.c_uint64
 
 
+#: struct kvm_regs field order; ``hvmport.cpu.base.Regs`` has the same order.
+REG_NAMES: tuple[str, ...] = (
+    "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
+    "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15",
+    "rip", "rflags",
+)
+
+
 class KvmRegs(ctypes.Structure):
-    """struct kvm_regs: the order is the ABI, and matches ``hvmport.cpu.base.Regs``."""
-
-    _fields_ = [
-        (name, u64)
-        for name in (
-            "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
-            "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15",
-            "rip", "rflags",
-        )
-    ]
-
-
-REG_NAMES: tuple[str, ...] = tuple(name for name, _ in KvmRegs._fields_)
+    _fields_ = [(name, u64) for name in REG_NAMES]
 
 
 class KvmSegment(ctypes.Structure):
@@ -277,6 +273,8 @@ KVM_INTERNAL_ERROR_EMULATION = 1
 KVM_INTERNAL_ERROR_SIMUL_EX = 2
 KVM_INTERNAL_ERROR_DELIVERY_EV = 3
 KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON = 4
+#: In ``internal.data[0]`` of an emulation failure: insn_size and insn_bytes[15] follow.
+KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES = 1 << 0
 
 INTERNAL_ERROR_NAMES: dict[int, str] = {
     KVM_INTERNAL_ERROR_EMULATION: "emulation failure",
