@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from hvmport import guests
-from tests.qemu import QemuRun, QemuTimeout, require_qemu, run_multiboot
+from tests.qemu_ref import QemuRun, QemuTimeout, require_qemu, run_multiboot
 
 MAGIC = 0x564D5868
 NOT_MAGIC = 0xA9B2A797
@@ -246,7 +246,7 @@ def test_long_mode_upper_halves(results: dict[tuple[str, str], dict[str, str]]) 
 
 
 def test_battery_without_qemu_is_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("tests.qemu.shutil.which", lambda name: None)
+    monkeypatch.setattr("tests.qemu_ref.shutil.which", lambda name: None)
     with pytest.raises(pytest.skip.Exception, match="qemu-system-x86_64 not found"):
         require_qemu()
 
@@ -310,10 +310,10 @@ def test_rep_string() -> None:
         for port in ("5658", "5659", "5660") for df in "01"}
 
 
-def test_cpl3_under_tcg_faults_and_recovers() -> None:
-    """TCG checks IOPL and the TSS I/O bitmap like a real CPU: every ring-3 backdoor access
-    raises #GP(0); the guest's handler reports it and skips the instruction, and the guest
-    still prints and exits from ring 3 through the bitmap's holes at 0xe9 and 0xf4."""
+def test_cpl3_under_tcg_reaches_the_backdoor_through_the_io_bitmap() -> None:
+    """TCG checks IOPL and the TSS I/O bitmap like a real CPU; the guest opens the backdoor
+    ports in its bitmap (as ioperm() would), so its ring-3 calls get QEMU's answers with no
+    #GP, and it still prints and exits from ring 3."""
     run = run_multiboot(guests.guest_path("cpl3", "multiboot"))
     assert run.status == 1, run.text
     stable = run.stable_lines
@@ -321,16 +321,12 @@ def test_cpl3_under_tcg_faults_and_recovers() -> None:
     assert "p32 cpl3 running at CPL 3" in stable
     assert stable[-1] == "p32 cpl3 end"
     found = result_lines(run)
-    assert {r: low(v) for r, v in found[("p32", "cpl0.GETVERSION.in4")].items()} == {
-        "eax": 6, "ebx": MAGIC, "ecx": 2, "edx": 0x5658, "esi": 0, "edi": 0}
+    getversion = {"eax": 6, "ebx": MAGIC, "ecx": 2, "edx": 0x5658, "esi": 0, "edi": 0}
+    assert {r: low(v) for r, v in found[("p32", "cpl0.GETVERSION.in4")].items()} == getversion
+    assert {r: low(v) for r, v in found[("p32", "cpl3.GETVERSION.in4")].items()} == getversion
     ring3 = [label for mode, label in found if label.startswith("cpl3.")]
     assert len(ring3) == 5
-    for label in ring3:
-        gp = stable.index(f"p32 {label} #GP error=00000000")
-        assert RESULT.match(stable[gp + 1]) and stable[gp + 1].split()[1] == label
-        regs = {r: low(v) for r, v in found[("p32", label)].items()}
-        assert regs == inputs(label.removeprefix("cpl3."))
-    assert not any("exception vector" in line for line in stable)
+    assert not any("#GP" in line or "exception vector" in line for line in stable)
 
 
 # --- the helper itself ---------------------------------------------------------------------
