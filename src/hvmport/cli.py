@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from hvmport import __version__
-from hvmport.errors import HvmportError
+from hvmport.errors import ConfigError, HvmportError
 
 
 def _cmd_abi(args: argparse.Namespace) -> int:
@@ -20,6 +20,64 @@ def _cmd_abi(args: argparse.Namespace) -> int:
     else:
         print(catalog.to_table())
     return 0
+
+
+def _int(text: str) -> int:
+    """Decimal, 0x-hex or 0o-octal, as users write addresses."""
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    import shlex
+    from pathlib import Path
+
+    from hvmport.cpu.base import Mode
+    from hvmport.hv import emulate
+    from hvmport.hv.run import Image, RunConfig, run
+
+    if args.kernel is None:
+        from hvmport import guests
+
+        if args.mode is not None:
+            raise ConfigError("--mode needs --kernel")
+        kernel = guests.guest_path("demo", "multiboot")
+    else:
+        kernel = Path(args.kernel)
+    mode = None if args.mode is None else Mode(args.mode)
+    load_addr = args.load_addr
+    if load_addr is None:
+        load_addr = 0x10000 if mode is Mode.REAL16 else 0x100000
+    console_file = None
+    if args.debugcon == "-":
+        console = sys.stdout.buffer
+    else:
+        console_file = open(args.debugcon, "wb")  # noqa: SIM115 - closed below
+        console = console_file
+    config = RunConfig(
+        Image(kernel, mode, load_addr, args.cmdline), backend=args.backend,
+        memory_mib=args.memory, vcpus=args.vcpus, vmware_port=args.vmware_port,
+        vmware_hwver=args.vmware_hwver, smp_entry=args.smp_entry, timeout=args.timeout,
+        console=console, note=lambda text: print(f"hvmport: {text}", file=sys.stderr),
+        device_model=args.vmware_port if args.device_model is None else args.device_model,
+        dm_args=[["--serial", args.serial, *(["--qmp", args.qmp] if args.qmp else []),
+                   *args.dm_arg]]
+        + [["--disable-vmport", "--bufioreq", "off", "--serial", "none", "--ports", ports]
+           for ports in args.secondary_dm],
+        spin_us=args.spin_us, dm_timeout=args.dm_timeout,
+        dm_program=shlex.split(args.dm_program) if args.dm_program else None,
+    )
+    try:
+        result = run(config)
+    finally:
+        if console_file is not None:
+            console_file.close()
+    is_debug_exit = result.status & 1
+    if result.status != emulate.STATUS_HALTED and not is_debug_exit:
+        print(f"hvmport: {result.reason}", file=sys.stderr)
+    return result.status
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,6 +94,59 @@ def build_parser() -> argparse.ArgumentParser:
     abi.add_argument("--json", action="store_true",
                      help="machine-readable: {structs: {NAME: {size, fields}}, constants}")
     abi.set_defaults(func=_cmd_abi)
+
+    run = sub.add_parser(
+        "run", help="run a guest (default: the built-in backdoor demo)",
+        description="Run a Multiboot ELF kernel or a flat binary on KVM or Unicorn, with the "
+        "VMware backdoor answered by the hypervisor. Exits with the guest's isa-debug-exit "
+        "status ((value << 1) | 1), 0 when it halts, 4 on a guest fault, 6 when the domain "
+        "crashed, 124 on timeout.")
+    run.add_argument("--kernel", metavar="FILE",
+                     help="Multiboot v1 ELF kernel, or a flat binary with --mode")
+    run.add_argument("--mode", type=int, choices=(16, 32, 64),
+                     help="load --kernel as a flat binary starting in this CPU mode")
+    run.add_argument("--load-addr", type=_int, metavar="ADDR",
+                     help="physical load (and entry) address of a flat binary "
+                     "(default 0x10000 in 16-bit mode, else 0x100000)")
+    run.add_argument("--cmdline", default="", help="Multiboot command line")
+    run.add_argument("--backend", default="auto", choices=("auto", "kvm", "unicorn"),
+                     help="CPU backend; auto picks KVM when /dev/kvm answers (default auto)")
+    run.add_argument("--memory", type=int, default=64, metavar="MiB",
+                     help="guest RAM in MiB (default 64)")
+    run.add_argument("--vcpus", type=int, default=1, metavar="N", help="vCPUs (default 1)")
+    run.add_argument("--smp-entry", action="store_true",
+                     help="start every vCPU at the flat binary's entry with its id in ESI")
+    run.add_argument("--vmware-port", action=argparse.BooleanOptionalAction, default=True,
+                     help="VMware backdoor on port 0x5658 (default on)")
+    run.add_argument("--vmware-hwver", type=int, default=7, metavar="N",
+                     help="VMware hardware version; >= 7 shows the VMware CPUID leaves "
+                     "(default 7)")
+    run.add_argument("--debugcon", default="-", metavar="FILE|-",
+                     help="where the debug console (port 0xe9) goes (default - : stdout)")
+    run.add_argument("--timeout", type=float, metavar="SECONDS",
+                     help="end the run after this long (status 124)")
+    run.add_argument("--device-model", action=argparse.BooleanOptionalAction, default=None,
+                     help="start the device-model process (default: on when the VMware "
+                     "port is on)")
+    run.add_argument("--serial", default="-", metavar="FILE|-|none",
+                     help="where the guest's UART (0x3f8) output goes (default - : stdout)")
+    run.add_argument("--dm-arg", action="append", default=[], metavar="ARG",
+                     help="pass ARG to the device model (e.g. --dm-arg=--vmport-prop="
+                     "x-cmds-v2=off)")
+    run.add_argument("--secondary-dm", action="append", default=[], metavar="A-B",
+                     help="start a second device model with HVM_IOREQSRV_DISABLE_VMPORT "
+                     "owning ports A-B (repeatable)")
+    run.add_argument("--dm-program", metavar="COMMAND",
+                     help="run COMMAND (split like a shell would) as the device model instead "
+                     "of hvmport's own; it is given --control PATH --domid N --ready-fd FD")
+    run.add_argument("--qmp", metavar="PATH",
+                     help="serve QMP (pointer input, queries) on this Unix socket")
+    run.add_argument("--dm-timeout", type=float, default=10.0, metavar="SECONDS",
+                     help="a device model that takes longer to answer crashes the domain "
+                     "(default 10)")
+    run.add_argument("--spin-us", type=float, default=100.0, metavar="US",
+                     help="spin on a forwarded request this long before blocking (default 100)")
+    run.set_defaults(func=_cmd_run)
     return parser
 
 

@@ -1,0 +1,5 @@
+import sys
+
+from hvmport.dm.main import main
+
+sys.exit(main())

@@ -1,0 +1,169 @@
+"""A device model's view of the hypervisor, shaped like Xen's libraries.
+
+``DeviceModel`` covers libxendevicemodel (the dm_ops), libxenforeignmemory
+(``map_resource``, guest memory) and libxenevtchn (``bind_interdomain``, ``notify``,
+``pending``). Failed dm_ops raise ``DmOpError`` with Xen's errno.
+"""
+
+from __future__ import annotations
+
+import array
+import mmap
+import os
+import socket
+from dataclasses import dataclass
+
+from hvmport.abi import control as ctl
+from hvmport.abi import dm_op as dmop
+from hvmport.core import dmop as ops
+from hvmport.errors import DmOpError, HostError
+from hvmport.hv import evtchn
+
+PAGE = 4096
+
+
+@dataclass(slots=True)
+class EventChannel:
+    """A bound interdomain port: wait on ``fd``, ``notify`` the hypervisor."""
+
+    port: int
+    fd: int  # readable when the hypervisor notified us
+    _to_hv: int
+
+    def notify(self) -> None:
+        evtchn.notify(self._to_hv)
+
+    def pending(self) -> bool:
+        """Consume and report a notification, without blocking."""
+        return evtchn.drain(self.fd)
+
+    def close(self) -> None:
+        for fd in (self.fd, self._to_hv):
+            if fd >= 0:
+                os.close(fd)
+        self.fd = self._to_hv = -1
+
+
+@dataclass(slots=True, frozen=True)
+class ServerInfo:
+    ioreq_gfn: int
+    bufioreq_gfn: int
+    bufioreq_port: int
+
+
+class DeviceModel:
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            self.sock.connect(path)
+        except OSError as e:
+            self.sock.close()
+            raise HostError(f"cannot reach the hypervisor at {path}: {e.strerror}") from e
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def _call(self, kind: int, domid: int, args: tuple[int, int, int, int] = (0, 0, 0, 0),
+              payload: bytes = b"") -> tuple[ctl.Reply, list[int]]:
+        self.sock.sendmsg([ctl.Request(kind, domid, args, payload).pack()])
+        raw, anc, _flags, _ = self.sock.recvmsg(ctl.MAX_MESSAGE,
+                                                socket.CMSG_SPACE(4 * ctl.MAX_FDS))
+        if not raw:
+            raise HostError("the hypervisor closed the control socket")
+        fds: list[int] = []
+        for level, kind_, data in anc:
+            if level == socket.SOL_SOCKET and kind_ == socket.SCM_RIGHTS:
+                fds += array.array("i", data[: len(data) - len(data) % 4]).tolist()
+        return ctl.Reply.unpack(raw), fds
+
+    def _op(self, name: str, domid: int, buf: bytes) -> bytes:
+        reply, _ = self._call(ctl.CTL_DM_OP, domid, payload=buf)
+        if reply.rc:
+            raise DmOpError(name, -reply.rc)
+        return reply.payload
+
+    # -------------------------------------------------------------- libxendevicemodel
+
+    def restrict(self, domid: int) -> None:
+        reply, _ = self._call(ctl.CTL_RESTRICT, domid)
+        if reply.rc:
+            raise DmOpError("restrict", -reply.rc)
+
+    def nr_vcpus(self, domid: int) -> int:
+        reply, _ = self._call(ctl.CTL_NR_VCPUS, domid)
+        if reply.rc:
+            raise DmOpError("nr_vcpus", -reply.rc)
+        return reply.value
+
+    def create_ioreq_server(self, domid: int, flags: int) -> int:
+        out = self._op("create_ioreq_server", domid, ops.create_ioreq_server(flags))
+        return int(dmop.CREATE.unpack_from(out, 8)[2])
+
+    def get_ioreq_server_info(self, domid: int, sid: int, *, gfns: bool = False) -> ServerInfo:
+        flags = 0 if gfns else dmop.XEN_DMOP_no_gfns
+        out = self._op("get_ioreq_server_info", domid, ops.get_ioreq_server_info(sid, flags))
+        _, _, port, ioreq_gfn, buf_gfn = dmop.GET_INFO.unpack_from(out, 8)
+        return ServerInfo(ioreq_gfn, buf_gfn, port)
+
+    def map_io_range_to_ioreq_server(self, domid: int, sid: int, range_type: int, start: int,
+                                     end: int) -> None:
+        self._op("map_io_range_to_ioreq_server", domid,
+                 ops.map_io_range(sid, range_type, start, end))
+
+    def unmap_io_range_from_ioreq_server(self, domid: int, sid: int, range_type: int,
+                                         start: int, end: int) -> None:
+        self._op("unmap_io_range_from_ioreq_server", domid,
+                 ops.unmap_io_range(sid, range_type, start, end))
+
+    def set_ioreq_server_state(self, domid: int, sid: int, enabled: bool) -> None:
+        self._op("set_ioreq_server_state", domid, ops.set_ioreq_server_state(sid, enabled))
+
+    def destroy_ioreq_server(self, domid: int, sid: int) -> None:
+        self._op("destroy_ioreq_server", domid, ops.destroy_ioreq_server(sid))
+
+    def set_isa_irq_level(self, domid: int, irq: int, level: int) -> None:
+        self._op("set_isa_irq_level", domid, ops.set_isa_irq_level(irq, level))
+
+    def dm_op(self, domid: int, buf: bytes) -> tuple[int, bytes]:
+        """Raw access: the rc and the bytes the hypervisor wrote back."""
+        reply, _ = self._call(ctl.CTL_DM_OP, domid, payload=buf)
+        return reply.rc, reply.payload
+
+    # -------------------------------------------------------------- libxenforeignmemory
+
+    def map_resource(self, domid: int, sid: int, frame: int, nr: int = 1) -> list[mmap.mmap]:
+        """Map ioreq-server frames (0: buffered ring, 1: slots, 0x100: vmport regs)."""
+        reply, fds = self._call(ctl.CTL_MAP_RESOURCE, domid,
+                                (dmop.XENMEM_resource_ioreq_server, sid, frame, nr))
+        try:
+            if reply.rc:
+                raise DmOpError("map_resource", -reply.rc)
+            return [mmap.mmap(fd, PAGE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+                    for fd in fds]
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def map_guest_memory(self, domid: int) -> mmap.mmap:
+        reply, fds = self._call(ctl.CTL_MAP_GUEST_MEMORY, domid)
+        try:
+            if reply.rc or len(fds) != 1:
+                raise DmOpError("map_guest_memory", -reply.rc if reply.rc else 22)
+            return mmap.mmap(fds[0], reply.value, mmap.MAP_SHARED,
+                             mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    # -------------------------------------------------------------- libxenevtchn
+
+    def bind_interdomain(self, domid: int, remote_port: int) -> EventChannel:
+        reply, fds = self._call(ctl.CTL_BIND_EVTCHN, domid, (remote_port, 0, 0, 0))
+        if reply.rc or len(fds) != 2:
+            for fd in fds:
+                os.close(fd)
+            raise DmOpError("bind_interdomain", -reply.rc if reply.rc else 22)
+        return EventChannel(remote_port, fds[0], fds[1])

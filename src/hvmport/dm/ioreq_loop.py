@@ -1,0 +1,202 @@
+"""The device model's ioreq loop: take a request from a slot, emulate it, answer.
+
+Each request is copied out of the shared slot once (``slots.take``) and checked before it is
+used: the hypervisor is trusted more than the guest, but the loop still refuses a port
+above 0xFFFF, an odd size, an unknown type or a ``data_is_ptr`` buffer outside guest memory
+(XSA-199-style), logs it and answers all ones rather than index anything with it. Only
+``data`` (and for VMWARE_PORT the registers page entry) is written back.
+
+Waiting mirrors the hypervisor's: after any work, spin over the slots for a moment, then
+block on the event channels.
+"""
+
+from __future__ import annotations
+
+import mmap
+import select
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol, TextIO
+
+from hvmport.abi import ioreq as abi
+from hvmport.core import bufring, slots
+from hvmport.dm.client import EventChannel
+
+MASK32 = 0xFFFFFFFF
+
+
+class PortDevices(Protocol):
+    def read(self, port: int, size: int) -> int: ...
+
+    def write(self, port: int, size: int, value: int) -> None: ...
+
+
+#: Runs one backdoor access: (registers eax..edi as a 6-list, is_write, size) -> value read.
+#: It updates the list in place with the registers to hand back.
+VmportHandler = Callable[[list[int], bool, int], int]
+
+
+@dataclass(slots=True)
+class Stats:
+    requests: int = 0
+    vmport: int = 0
+    buffered: int = 0
+    rejected: int = 0
+
+
+@dataclass
+class IoreqLoop:
+    nr_vcpus: int
+    ioreq_page: mmap.mmap
+    channels: list[EventChannel]
+    devices: PortDevices
+    vmport: VmportHandler | None = None
+    vmport_page: mmap.mmap | None = None
+    buf_page: mmap.mmap | None = None
+    buf_channel: EventChannel | None = None
+    guest_memory: mmap.mmap | None = None
+    vmport_types: tuple[int, ...] = (abi.IOREQ_TYPE_VMWARE_PORT,)
+    spin_us: float = 100.0
+    log: TextIO = sys.stderr
+    add32: bufring.Add32 = bufring.plain_add32
+    #: Other file descriptors to watch, with what to do when they are readable; a callback
+    #: returning False ends the loop (e.g. the hypervisor's socket closed). Providers are
+    #: asked again before every wait, so the set may change (QMP clients come and go).
+    watch: dict[int, Callable[[], bool]] = field(default_factory=dict)
+    watch_providers: list[Callable[[], dict[int, Callable[[], bool]]]] = field(
+        default_factory=list)
+    stats: Stats = field(default_factory=Stats)
+
+    def __post_init__(self) -> None:
+        self._slots = memoryview(self.ioreq_page)
+        self._consumer = (bufring.Consumer(memoryview(self.buf_page), self.add32)
+                          if self.buf_page is not None else None)
+        self._ring_broken = False
+
+    # ------------------------------------------------------------------ serving
+
+    def serve_once(self) -> bool:
+        """Handle whatever is ready now; True if anything was."""
+        did = False
+        for vcpu in range(self.nr_vcpus):
+            if slots.read_state(self._slots, vcpu) == abi.STATE_IOREQ_READY:
+                req = slots.take(self._slots, vcpu)
+                if req is not None:
+                    data = self._handle(vcpu, req)
+                    slots.respond(self._slots, vcpu, data)
+                    self.channels[vcpu].notify()
+                    did = True
+        if self._consumer is not None and not self._ring_broken:
+            try:
+                for write in self._consumer.drain():
+                    self.stats.buffered += 1
+                    if write.type == abi.IOREQ_TYPE_PIO and write.addr <= 0xFFFF:
+                        self.devices.write(write.addr, write.size, write.data)
+                    did = True
+            except ValueError as e:
+                self._ring_broken = True
+                self._reject(f"buffered ring: {e}; not serving it any more")
+        return did
+
+    def run(self) -> None:
+        """Serve until a watched descriptor says stop."""
+        wakeups = [c.fd for c in self.channels]
+        if self.buf_channel is not None:
+            wakeups.append(self.buf_channel.fd)
+        spin = self.spin_us / 1e6
+        last = time.monotonic()
+        while True:
+            if self.serve_once():
+                last = time.monotonic()
+                continue
+            if time.monotonic() - last < spin:
+                continue
+            watch = dict(self.watch)
+            for provider in self.watch_providers:
+                watch.update(provider())
+            ready, _, _ = select.select([*wakeups, *watch], [], [], 1.0)
+            for fd in ready:
+                callback = watch.get(fd)
+                if callback is not None:
+                    if not callback():
+                        return
+                else:
+                    # Just a wake-up; the slots say what to do.
+                    _drain(fd)
+            last = time.monotonic()
+
+    # ------------------------------------------------------------------ requests
+
+    def _reject(self, why: str) -> None:
+        self.stats.rejected += 1
+        print(f"hvmport-dm: rejected: {why}", file=self.log, flush=True)
+
+    def _handle(self, vcpu: int, req: abi.IoReq) -> int | None:
+        self.stats.requests += 1
+        ones = slots.size_mask(req.size) if req.size in (1, 2, 4, 8) else MASK32
+        if req.size not in (1, 2, 4, 8):
+            self._reject(f"vCPU {vcpu}: size {req.size}")
+            return ones
+        if req.type in self.vmport_types:
+            return self._vmport(vcpu, req, ones)
+        if req.type == abi.IOREQ_TYPE_PIO:
+            if req.addr > 0xFFFF or req.size == 8:
+                self._reject(f"vCPU {vcpu}: port {req.addr:#x} size {req.size}")
+                return ones
+            if req.data_is_ptr:
+                return self._pio_string(vcpu, req, ones)
+            if req.dir == abi.IOREQ_READ:
+                return self.devices.read(req.addr, req.size) & ones
+            self.devices.write(req.addr, req.size, req.data & ones)
+            return None
+        if req.type in (abi.IOREQ_TYPE_TIMEOFFSET, abi.IOREQ_TYPE_INVALIDATE):
+            return None  # no RTC offset to track, no map cache to flush
+        if req.type in (abi.IOREQ_TYPE_COPY, abi.IOREQ_TYPE_PCI_CONFIG):
+            return ones if req.dir == abi.IOREQ_READ else None  # nothing mapped there yet
+        self._reject(f"vCPU {vcpu}: unknown ioreq type {req.type}")
+        return ones
+
+    def _vmport(self, vcpu: int, req: abi.IoReq, ones: int) -> int | None:
+        if self.vmport is None or self.vmport_page is None or req.addr > 0xFFFF \
+                or req.count != 1 or req.data_is_ptr:
+            self._reject(f"vCPU {vcpu}: VMWARE_PORT request this device model cannot serve")
+            return ones
+        self.stats.vmport += 1
+        off = vcpu * abi.VMWARE_REGS_SIZE
+        if off + abi.VMWARE_REGS_SIZE > len(self.vmport_page):
+            self._reject(f"vCPU {vcpu}: beyond the vmport registers page")
+            return ones
+        vr = abi.VmwareRegs.unpack(self.vmport_page, off)
+        regs = [req.data & MASK32, vr.ebx, vr.ecx, vr.edx, vr.esi, vr.edi]
+        value = self.vmport(regs, req.dir == abi.IOREQ_WRITE, req.size)
+        self.vmport_page[off:off + abi.VMWARE_REGS_SIZE] = abi.VmwareRegs(
+            regs[4] & MASK32, regs[5] & MASK32, regs[1] & MASK32, regs[2] & MASK32,
+            regs[3] & MASK32).pack()
+        return value & ones
+
+    def _pio_string(self, vcpu: int, req: abi.IoReq, ones: int) -> int | None:
+        mem = self.guest_memory
+        step = -req.size if req.df else req.size
+        last = req.data + step * (req.count - 1)
+        lo, hi = min(req.data, last), max(req.data, last) + req.size
+        if mem is None or req.count < 1 or lo < 0 or hi > len(mem):
+            self._reject(f"vCPU {vcpu}: string buffer {req.data:#x} x{req.count} "
+                         "outside guest memory")
+            return None
+        for i in range(req.count):
+            at = req.data + step * i
+            if req.dir == abi.IOREQ_READ:
+                value = self.devices.read(req.addr, req.size) & ones
+                mem[at:at + req.size] = value.to_bytes(req.size, "little")
+            else:
+                self.devices.write(req.addr, req.size,
+                                   int.from_bytes(mem[at:at + req.size], "little"))
+        return None
+
+
+def _drain(fd: int) -> None:
+    from hvmport.hv import evtchn
+
+    evtchn.drain(fd)

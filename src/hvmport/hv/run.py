@@ -1,0 +1,258 @@
+"""Running one domain in this process: memory, loader, backend, vCPU threads, the end.
+
+The run ends when a vCPU writes isa-debug-exit, when every running vCPU has halted with
+interrupts off, on a triple fault or backend error, when the domain crashes, or at the
+timeout. It always ends with a status and a one-line reason; nothing the guest does makes
+it raise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from hvmport import atomic
+from hvmport.core.clock import Clock
+from hvmport.core.cpuid import hypervisor_leaves
+from hvmport.core.domain import Crash, Domain
+from hvmport.cpu.base import Exit, ExitKind, Mode, StartState, Vcpu, Vm, VmConfig
+from hvmport.cpu.select import select_backend
+from hvmport.errors import ConfigError
+from hvmport.hv import emulate
+from hvmport.hv.control import ControlServer
+from hvmport.hv.evtchn import Channel
+from hvmport.hv.launch import DeviceModelProcess
+from hvmport.hv.memory import GuestMemory, check_memory_mib
+from hvmport.hv.shmem import MemfdPages
+from hvmport.hv.wait import DeviceModelWaiter
+
+MAX_VCPUS = 128
+
+
+class SystemClock:
+    """The real clock, for the in-hypervisor GETTIME commands."""
+
+    def wallclock_us(self) -> int:
+        return time.time_ns() // 1000
+
+    def monotonic_ns(self) -> int:
+        return time.monotonic_ns()
+
+
+@dataclass(slots=True)
+class Image:
+    """What to load: a Multiboot ELF, or a flat binary at an address in a mode."""
+
+    path: Path
+    flat_mode: Mode | None = None
+    load_addr: int = 0x100000
+    cmdline: str = ""
+
+
+@dataclass(slots=True)
+class RunConfig:
+    image: Image
+    backend: str = "auto"
+    memory_mib: int = 64
+    vcpus: int = 1
+    vmware_port: bool = True
+    vmware_hwver: int = 7
+    smp_entry: bool = False
+    timeout: float | None = None
+    console: BinaryIO | None = None
+    domid: int = 1
+    #: Start the device-model process (it serves the VMware port, i8042 and the UART).
+    device_model: bool = True
+    #: Extra arguments for each device model; one list per process (a second one gets
+    #: its own ioreq server, e.g. with --disable-vmport).
+    dm_args: list[list[str]] = field(default_factory=lambda: [[]])
+    #: How long a vCPU spins on its slot before blocking, and how long it waits at most.
+    spin_us: float = 100.0
+    dm_timeout: float = 10.0
+    #: The program to start as the primary device model instead of hvmport's own.
+    dm_program: list[str] | None = None
+    #: Where one-line notes go as they happen (which backend was picked, ...).
+    note: Callable[[str], None] = field(default=lambda text: None)
+
+
+@dataclass(slots=True)
+class RunResult:
+    status: int
+    reason: str
+    backend: str
+
+
+def validate(config: RunConfig) -> None:
+    check_memory_mib(config.memory_mib)
+    if not 1 <= config.vcpus <= MAX_VCPUS:
+        raise ConfigError(f"vcpus={config.vcpus}: must be 1..{MAX_VCPUS}")
+    if config.vmware_hwver < 0 or config.vmware_hwver > 0xFFFFFFFF:
+        raise ConfigError(f"vmware_hwver={config.vmware_hwver} is out of range")
+    if config.timeout is not None and config.timeout <= 0:
+        raise ConfigError("--timeout must be positive")
+    if config.smp_entry and config.image.flat_mode is None:
+        raise ConfigError("--smp-entry needs a flat binary (--mode 16|32|64)")
+    if not config.image.path.is_file():
+        raise ConfigError(f"{config.image.path}: no such file")
+
+
+def _load(config: RunConfig, memory: GuestMemory) -> StartState:
+    from hvmport.hv import loader
+
+    image = config.image
+    if image.flat_mode is None:
+        return loader.load_multiboot(image.path, memory, image.cmdline)
+    data = image.path.read_bytes()
+    return loader.load_flat(data, memory, image.load_addr, image.flat_mode)
+
+
+@contextlib.contextmanager
+def _run_dir() -> Iterator[str]:
+    base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
+    path = tempfile.mkdtemp(prefix="hvmport-run-", dir=base if os.path.isdir(base) else None)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def run(config: RunConfig, clock: Clock | None = None) -> RunResult:
+    validate(config)
+    backend, picked = select_backend(config.backend)
+    config.note(f"backend: {picked}")
+    from hvmport.hv import loader
+
+    events: queue.Queue[tuple[int, Exit | BaseException]] = queue.Queue()
+    with GuestMemory(config.memory_mib) as memory, _run_dir() as rundir, \
+            contextlib.ExitStack() as stack:
+        start = _load(config, memory)
+        cpuid: dict[tuple[int, int], tuple[int, int, int, int]] = {}
+        vm = backend.create_vm(VmConfig(memory, config.vcpus, cpuid, hypervisor_bit=True))
+        stack.callback(vm.close)
+        tsc_khz = vm.tsc_khz
+        # The leaves need the TSC frequency, which only the VM knows; vCPUs created below
+        # read the table then.
+        cpuid.update(hypervisor_leaves(config.vmware_hwver, tsc_khz))
+        pages = MemfdPages()
+        stack.callback(pages.close)
+        domain = Domain(config.domid, config.vcpus, pages, clock or SystemClock(),
+                        vmware_port=config.vmware_port, vmware_hwver=config.vmware_hwver,
+                        tsc_khz=tsc_khz, cas64=atomic.cas64)
+        lock = threading.Lock()
+        channels: dict[int, Channel] = {}
+        stack.callback(_close_channels, channels)
+        waiter = DeviceModelWaiter(domain, lock, channels, spin_us=config.spin_us,
+                                   deadline_s=config.dm_timeout)
+        dms: list[DeviceModelProcess] = []
+
+        def crashed(crash: Crash) -> None:
+            waiter.wake_all()
+            events.put((-1, Exit(ExitKind.STOPPED, f"domain crashed: {crash.reason}",
+                                 emulate.STATUS_DOMAIN_CRASHED)))
+
+        domain.on_crash = crashed
+        stack.callback(setattr, domain, "on_crash", None)  # no cycle outliving the run
+        emulator = emulate.Emulator(domain, config.console, waiter)
+        if config.device_model:
+            control = ControlServer(os.path.join(rundir, "control"), domain, lock, memory,
+                                    pages, channels, irq=_irq_sink(vm),
+                                    describe_peer=lambda pid: _describe(dms, pid))
+            control.start()
+            stack.callback(_stop_all, dms)
+            stack.callback(control.close)
+            for i, args in enumerate(config.dm_args):
+                program = config.dm_program if i == 0 else None
+                dms.append(DeviceModelProcess(control.path, config.domid, args,
+                                              program=program))
+        runnable = range(config.vcpus) if config.smp_entry else range(1)
+        vcpus = [vm.create_vcpu(i, loader.for_vcpu(start, i, config.vcpus) if config.smp_entry
+                                    else start)
+                 for i in range(config.vcpus)]
+        for v in vcpus:
+            stack.callback(v.close)
+        status, reason = _drive([vcpus[i] for i in runnable], emulator, config.timeout,
+                                events)
+    return RunResult(status, reason, backend.name)
+
+
+def _irq_sink(vm: Vm) -> Callable[[int, int], None] | None:
+    sink: Callable[[int, int], None] | None = getattr(vm, "set_irq_line", None)
+    return sink
+
+
+def _close_channels(channels: dict[int, Channel]) -> None:
+    for chan in channels.values():
+        chan.close()
+
+
+def _stop_all(dms: list[DeviceModelProcess]) -> None:
+    for dm in dms:
+        dm.stop()
+
+
+def _describe(dms: list[DeviceModelProcess], pid: int) -> str:
+    for dm in dms:
+        if dm.pid == pid:
+            return dm.describe_exit()
+    return f"device model (pid {pid})"
+
+
+def _drive(vcpus: list[Vcpu], emulator: emulate.Emulator, timeout: float | None,
+           exits: queue.Queue[tuple[int, Exit | BaseException]]) -> tuple[int, str]:
+
+    def body(v: Vcpu) -> None:
+        try:
+            exits.put((v.vcpu_id, v.run(emulator)))
+        except BaseException as e:  # a host bug: report it, never hang the run
+            exits.put((v.vcpu_id, e))
+
+    threads = [threading.Thread(target=body, args=(v,), name=f"vcpu{v.vcpu_id}", daemon=True)
+               for v in vcpus]
+    for t in threads:
+        t.start()
+    deadline = None if timeout is None else time.monotonic() + timeout
+    halted = 0
+    outcome: tuple[int, str] | None = None
+    error: BaseException | None = None
+    while outcome is None:
+        wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            vcpu_id, ex = exits.get(timeout=wait)
+        except queue.Empty:
+            outcome = (emulate.STATUS_TIMEOUT, f"timeout after {timeout:g} s")
+            break
+        if isinstance(ex, BaseException):
+            error = ex
+            outcome = (emulate.STATUS_HOST_ERROR, f"vCPU {vcpu_id}: host error: {ex!r}")
+        elif ex.kind is ExitKind.HALTED:
+            halted += 1
+            if halted == len(vcpus):
+                outcome = (emulate.STATUS_HALTED, ex.reason or "guest halted")
+        else:
+            outcome = _classify(vcpu_id, ex)
+    for v in vcpus:
+        v.kick()
+    for t in threads:
+        t.join(timeout=10)
+    if error is not None:
+        raise error
+    return outcome
+
+
+def _classify(vcpu_id: int, ex: Exit) -> tuple[int, str]:
+    if ex.kind is ExitKind.STOPPED:
+        return ex.status, ex.reason or f"stopped with status {ex.status}"
+    if ex.kind is ExitKind.SHUTDOWN:
+        return emulate.STATUS_GUEST_FAULT, f"vCPU {vcpu_id}: {ex.reason or 'triple fault'}"
+    if ex.kind is ExitKind.KICKED:
+        return emulate.STATUS_HOST_ERROR, f"vCPU {vcpu_id} stopped unexpectedly"
+    return emulate.STATUS_GUEST_FAULT, f"vCPU {vcpu_id}: {ex.reason or 'backend error'}"
