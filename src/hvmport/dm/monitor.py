@@ -1,0 +1,125 @@
+"""The device model's QMP commands: queries and pointer input, as QEMU names them.
+
+``input-send-event`` follows QEMU's input layer: a command's events update the pointer
+state (absolute axes in 0..0x7FFF, buttons, relative motion, wheel) and end with one sync,
+which becomes one vmmouse packet when the guest has enabled vmmouse (absolute positions are
+doubled to 0..0xFFFE there), and PS/2 mouse motion otherwise.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hvmport import __version__
+from hvmport.dm.devices.i8042 import I8042
+from hvmport.dm.devices.pointer import ABS_MAX, BUTTON_LEFT, BUTTON_MIDDLE, BUTTON_RIGHT
+from hvmport.dm.devices.vmmouse import Vmmouse
+from hvmport.dm.qmp import QEMU_VERSION, Handler, Json, QmpError, check_args
+
+BUTTONS = {"left": BUTTON_LEFT, "right": BUTTON_RIGHT, "middle": BUTTON_MIDDLE}
+WHEEL = {"wheel-up": -1, "wheel-down": 1}
+MAX_EVENTS = 1024
+
+
+class Monitor:
+    def __init__(self, vmmouse: Vmmouse | None, i8042: I8042 | None) -> None:
+        self.vmmouse = vmmouse
+        self.i8042 = i8042
+        self.x = 0
+        self.y = 0
+        self.buttons = 0
+
+    def commands(self) -> dict[str, Handler]:
+        return {
+            "query-version": self.query_version,
+            "query-status": self.query_status,
+            "query-mice": self.query_mice,
+            "input-send-event": self.input_send_event,
+        }
+
+    def query_version(self, args: Json) -> Json:
+        check_args(args, {})
+        return {"qemu": dict(QEMU_VERSION), "package": f"hvmport {__version__}"}
+
+    def query_status(self, args: Json) -> Json:
+        check_args(args, {})
+        return {"status": "running", "singlestep": False, "running": True}
+
+    def query_mice(self, args: Json) -> list[Json]:
+        check_args(args, {})
+        mice: list[Json] = []
+        if self.vmmouse is not None:
+            mice.append({"name": "vmmouse", "index": 1, "current": self.vmmouse.enabled,
+                         "absolute": self.vmmouse.absolute})
+        if self.i8042 is not None:
+            mice.append({"name": "QEMU PS/2 Mouse", "index": 0,
+                         "current": not mice or not mice[0]["current"], "absolute": False})
+        return mice
+
+    def input_send_event(self, args: Json) -> None:
+        check_args(args, {"device": str, "head": int, "events": list}, ("events",))
+        events: list[Any] = args["events"]
+        if not events or len(events) > MAX_EVENTS:
+            raise QmpError(f"'events' must hold 1..{MAX_EVENTS} events")
+        dx = dy = dz = 0
+        keys = bytearray()
+        for ev in events:
+            if not isinstance(ev, dict) or set(ev) != {"type", "data"} \
+                    or not isinstance(ev["data"], dict):
+                raise QmpError("each event must be {'type': ..., 'data': {...}}")
+            kind, data = ev["type"], ev["data"]
+            if kind == "abs" or kind == "rel":
+                check_args(data, {"axis": str, "value": int}, ("axis", "value"))
+                if data["axis"] not in ("x", "y"):
+                    raise QmpError(f"Invalid parameter 'axis': {data['axis']!r}")
+                value = int(data["value"])
+                if kind == "abs":
+                    value = min(max(value, 0), ABS_MAX)
+                    if data["axis"] == "x":
+                        self.x = value
+                    else:
+                        self.y = value
+                elif data["axis"] == "x":
+                    dx += value
+                else:
+                    dy += value
+            elif kind == "btn":
+                check_args(data, {"button": str, "down": bool}, ("button", "down"))
+                button = data["button"]
+                if button in WHEEL:
+                    if data["down"]:
+                        dz += WHEEL[button]
+                elif button in BUTTONS:
+                    if data["down"]:
+                        self.buttons |= BUTTONS[button]
+                    else:
+                        self.buttons &= ~BUTTONS[button]
+                else:
+                    raise QmpError(f"Invalid parameter 'button': {button!r}")
+            elif kind == "key":
+                keys += self._scancode(data)
+            else:
+                raise QmpError(f"Invalid parameter 'type': {kind!r}")
+        self._sync(dx, dy, dz, bytes(keys))
+
+    @staticmethod
+    def _scancode(data: Json) -> bytes:
+        check_args(data, {"key": dict, "down": bool}, ("key", "down"))
+        key = data["key"]
+        if key.get("type") != "number" or not isinstance(key.get("data"), int) \
+                or isinstance(key.get("data"), bool) or not 0 < key["data"] < 0x100:
+            raise QmpError("only {'type': 'number', 'data': SCANCODE} keys are supported")
+        code = key["data"]
+        return bytes([code if data["down"] else code | 0x80])
+
+    def _sync(self, dx: int, dy: int, dz: int, keys: bytes) -> None:
+        if keys and self.i8042 is not None:
+            self.i8042.queue_key(keys)
+        vm = self.vmmouse
+        if vm is not None and vm.enabled:
+            if vm.absolute:
+                vm.queue_event(self.x, self.y, dz, self.buttons)
+            else:
+                vm.queue_event(dx, dy, dz, self.buttons)
+        elif self.i8042 is not None:
+            self.i8042.mouse_event(dx, dy, dz, self.buttons)

@@ -1,0 +1,119 @@
+"""The device model's ioreq loop against requests a broken hypervisor could post (XSA-199)."""
+
+from __future__ import annotations
+
+import io
+import mmap
+
+import pytest
+
+from hvmport.abi import ioreq as abi
+from hvmport.core import slots
+from hvmport.dm.devices.bus import PortBus
+from hvmport.dm.devices.scratch import ScratchPorts
+from hvmport.dm.ioreq_loop import IoreqLoop
+
+
+class FakeChannel:
+    def __init__(self) -> None:
+        self.fd = -1
+        self.notified = 0
+
+    def notify(self) -> None:
+        self.notified += 1
+
+
+def make_loop(vmport_calls: list[list[int]] | None = None) -> tuple[IoreqLoop, mmap.mmap,
+                                                                    mmap.mmap, mmap.mmap]:
+    page = mmap.mmap(-1, 4096)
+    regs = mmap.mmap(-1, 4096)
+    mem = mmap.mmap(-1, 1 << 16)
+    bus = PortBus()
+    bus.register(0x510, 0x51F, ScratchPorts(0x510, 0x51F), "scratch")
+
+    def vmport(r: list[int], is_write: bool, size: int) -> int:
+        if vmport_calls is not None:
+            vmport_calls.append(list(r))
+        r[1] = 0xB0B0B0B0
+        return 0x1234
+
+    loop = IoreqLoop(1, page, [FakeChannel()], bus, vmport=vmport,  # type: ignore[list-item]
+                     vmport_page=regs, guest_memory=mem, log=io.StringIO())
+    return loop, page, regs, mem
+
+
+def post(page: mmap.mmap, req: abi.IoReq) -> None:
+    req.state = abi.STATE_IOREQ_READY
+    page[0:32] = req.pack()
+
+
+def answer(loop: IoreqLoop, page: mmap.mmap) -> abi.IoReq:
+    assert loop.serve_once()
+    got = abi.IoReq.unpack(page)
+    assert got.state == abi.STATE_IORESP_READY
+    return got
+
+
+@pytest.mark.parametrize("req", [
+    abi.IoReq(addr=0x10510, size=1, dir=abi.IOREQ_READ),  # port beyond 16 bits
+    abi.IoReq(addr=0x510, size=3, dir=abi.IOREQ_READ),  # odd size
+    abi.IoReq(addr=0x510, size=1, dir=abi.IOREQ_READ, type=5),  # unknown type
+    abi.IoReq(addr=0x510, size=1, count=4, dir=abi.IOREQ_READ, data_is_ptr=True,
+              data=(1 << 16) - 2),  # buffer runs off guest memory
+    abi.IoReq(addr=0x510, size=1, count=4, dir=abi.IOREQ_READ, data_is_ptr=True, df=True,
+              data=1),  # DF: the buffer runs below 0
+])
+def test_bad_requests_are_rejected_not_used(req: abi.IoReq) -> None:
+    loop, page, _, mem = make_loop()
+    before = bytes(mem)
+    post(page, req)
+    got = answer(loop, page)
+    assert loop.stats.rejected == 1
+    assert bytes(mem) == before
+    if not req.data_is_ptr:
+        assert got.data == slots.size_mask(req.size) if req.size in (1, 2, 4, 8) else True
+
+
+def test_pio_and_string_pio() -> None:
+    loop, page, _, mem = make_loop()
+    post(page, abi.IoReq(addr=0x512, size=2, data=0xBEEF, dir=abi.IOREQ_WRITE))
+    answer(loop, page)
+    slots.read_state(page, 0)
+    page[30] = 0
+    post(page, abi.IoReq(addr=0x512, size=2, dir=abi.IOREQ_READ))
+    assert answer(loop, page).data == 0xBEEF
+    # REP INSB with DF=1 fills guest memory downwards from the given address.
+    post(page, abi.IoReq(addr=0x512, size=1, count=2, dir=abi.IOREQ_READ, data_is_ptr=True,
+                         df=True, data=0x101))
+    answer(loop, page)
+    assert mem[0x100:0x102] == bytes([0xEF, 0xEF])
+    assert loop.stats.rejected == 0
+
+
+def test_vmware_port_uses_data_for_eax_and_writes_back_registers() -> None:
+    calls: list[list[int]] = []
+    loop, page, regs, _ = make_loop(calls)
+    regs[0:20] = abi.VmwareRegs(esi=5, edi=6, ebx=2, ecx=40, edx=0x5658).pack()
+    post(page, abi.IoReq(addr=0x5658, size=4, dir=abi.IOREQ_READ,
+                         type=abi.IOREQ_TYPE_VMWARE_PORT, data=0xFFFFFFFF_564D5868))
+    assert answer(loop, page).data == 0x1234
+    assert calls == [[0x564D5868, 2, 40, 0x5658, 5, 6]]  # EAX: the low 32 bits of data
+    assert abi.VmwareRegs.unpack(regs) == abi.VmwareRegs(5, 6, 0xB0B0B0B0, 40, 0x5658)
+
+
+def test_vmware_port_type_3_only_when_asked() -> None:
+    loop, page, _, _ = make_loop()
+    post(page, abi.IoReq(addr=0x5658, size=4, dir=abi.IOREQ_READ,
+                         type=abi.IOREQ_TYPE_VMWARE_PORT_QEMU_COMPAT))
+    answer(loop, page)
+    assert loop.stats.rejected == 1 and loop.stats.vmport == 0
+
+
+def test_broken_ring_is_abandoned_not_fatal() -> None:
+    loop, page, _, _ = make_loop()
+    ring = mmap.mmap(-1, 4096)
+    ring[0:8] = (0).to_bytes(4, "little") + (600).to_bytes(4, "little")
+    loop2 = IoreqLoop(1, page, loop.channels, loop.devices, buf_page=ring, log=io.StringIO())
+    loop2.serve_once()
+    loop2.serve_once()
+    assert loop2.stats.rejected == 1
