@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -150,6 +151,14 @@ def run_in_thread(vcpu: UnicornVcpu, io: Io) -> tuple[threading.Thread, list[Exi
     thread = threading.Thread(target=body, daemon=True)
     thread.start()
     return thread, result
+
+
+def wait_until(condition: Callable[[], bool]) -> None:
+    """Poll for a state another thread reaches; the deadline only guards against a hang."""
+    deadline = time.monotonic() + 60
+    while not condition():
+        assert time.monotonic() < deadline, "condition never became true"
+        time.sleep(0.001)
 
 
 def finish(thread: threading.Thread, result: list[Exit | BaseException],
@@ -635,14 +644,13 @@ def test_hlt_with_interrupts_enabled_stays_halted_until_kicked(
     """, 64)
     vcpu = m.vcpu(Mode.LONG64)
     io = Io()
-    reached = threading.Event()
-    io.ports[0x80] = lambda ctx, access: reached.set()
     for _ in range(2):
         thread, result = run_in_thread(vcpu, io)
-        assert reached.wait(60)
+        wait_until(lambda: vcpu.halted)  # a kick racing the hlt itself would win instead
         vcpu.kick()
         assert finish(thread, result, vcpu).kind is ExitKind.KICKED
-    assert not io.writes(0xF4)  # never ran past the hlt
+        assert vcpu.halted
+    assert [a.port for _, a in io.accesses] == [0x80]  # never ran past the hlt
 
 
 @pytest.mark.parametrize("body,name", [
@@ -904,6 +912,22 @@ def test_guest_memory_is_the_domain_memory(machine: Callable[..., Machine]) -> N
     assert m.vcpu(Mode.LONG64).run(io).kind is ExitKind.STOPPED
     assert io.value(0x81) == 0xCAFEF00D
     assert io.value(0x82) == 0x11223344
+
+
+def test_code_the_host_rewrites_between_runs_is_executed(
+        machine: Callable[..., Machine]) -> None:
+    m = machine()
+    source = "mov $'{c}', %al\nout %al, $0xe9\ncli\nhlt\n"
+    m.load(source.format(c="A"), 64)
+    vcpu = m.vcpu(Mode.LONG64)
+    io = Io()
+    assert vcpu.run(io).kind is ExitKind.HALTED
+    m.load(source.format(c="B"), 64)  # same place, new code
+    regs = vcpu.get_regs()
+    regs.rip = CODE
+    vcpu.set_regs(regs)
+    assert vcpu.run(io).kind is ExitKind.HALTED
+    assert io.text == "AB"
 
 
 # -- VM-level --------------------------------------------------------------------------

@@ -41,6 +41,10 @@ experiment; the reasons are given where they are handled:
   and hung). The vCPUs of a multi-vCPU VM therefore take turns (``_Turn``, FIFO): a vCPU
   runs for ``_SLICE_BLOCKS`` translation blocks, then a block hook stops it from its own
   thread (so never inside another vCPU's instruction) and the next one runs.
+* A ``Uc`` notices writes to code it has translated only when it makes them itself. Writes
+  by the host, a device model or another vCPU leave it running the old code, so every
+  ``run`` starts with an empty translation cache (80 µs, plus retranslation); code changed
+  by someone else *during* a run is still not seen by this vCPU until its next ``run``.
 """
 
 from __future__ import annotations
@@ -693,6 +697,11 @@ class UnicornVcpu:
     def vcpu_id(self) -> int:
         return self._id
 
+    @property
+    def halted(self) -> bool:
+        """Halted with interrupts enabled: ``run`` only waits for a kick."""
+        return self._parked
+
     def get_regs(self) -> Regs:
         self._check_usable()
         if self._cur_insn is not None:
@@ -764,6 +773,7 @@ class UnicornVcpu:
             self._idle.clear()
         self._handler = handler
         try:
+            self._uc.ctl_flush_tb()  # code others wrote since the last run (module notes)
             while True:
                 if self._final is not None:
                     return Exit(self._final.kind, self._final.reason, self._final.status)
@@ -816,6 +826,11 @@ class UnicornVcpu:
         instruction whose store already happened, and that instruction runs again if the
         vCPU is resumed. KICKED is therefore safe as the end of a vCPU (a timeout, another
         vCPU ended); resuming a kicked vCPU can repeat one memory update.
+
+        A kick that coincides with the guest executing HLT wins: nothing tells that HLT
+        apart from an instruction ending in byte 0xF4 at which the kick stopped the guest,
+        so the vCPU resumes after the ``hlt`` (a spurious wake-up, which guests tolerate)
+        rather than risk halting a guest that never executed one.
         """
         with self._lock:
             if self._closed:
