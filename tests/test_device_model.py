@@ -338,3 +338,36 @@ def test_run_leaves_no_descriptors_or_mappings(backend: str) -> None:
     for _ in range(3):
         assert run(RunConfig(Image(kernel), backend=backend, console=None)).status == 1
     assert counts() == before
+
+
+IRQ_LINE = """
+    # IRR of the master PIC before, after the i8042 raises IRQ 1, and after it lowers it.
+    mov $0x0a, %al          # OCW3: read IRR
+    out %al, $0x20
+    in $0x20, %al
+    out %al, $0xe9
+    mov $0x60, %al          # i8042: write the command byte...
+    out %al, $0x64
+    mov $0x01, %al          # ... keyboard interrupt on
+    out %al, $0x60
+    mov $0xaa, %al          # controller self test: 0x55 lands in the output buffer
+    out %al, $0x64
+    in $0x20, %al
+    out %al, $0xe9
+    in $0x60, %al           # read 0x55: the line drops
+    out %al, $0xe9
+    mov $0, %al
+    out %al, $0xf4
+"""
+
+
+def test_device_model_interrupt_lines_reach_the_pic(tmp_path: Path, backend: str) -> None:
+    """set_isa_irq_level ends in KVM_IRQ_LINE (in-kernel PIC) or in our PIC (Unicorn)."""
+    image = tmp_path / "irq.bin"
+    image.write_bytes(assemble_flat(IRQ_LINE, 32, 0x100000))
+    run = hvmport_run(tmp_path, "--backend", backend, "--kernel", str(image), "--mode", "32")
+    assert run.status == 1, run.stderr
+    before, after, data = run.console.encode("latin-1")
+    assert before & 0x02 == 0
+    assert after & 0x02 == 0x02
+    assert data == 0x55

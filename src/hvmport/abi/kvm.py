@@ -310,6 +310,15 @@ KVM_CREATE_VCPU = _io(KVMIO, 0x41)
 KVM_SET_USER_MEMORY_REGION = _iow(KVMIO, 0x46, ctypes.sizeof(KvmUserspaceMemoryRegion))
 KVM_SET_TSS_ADDR = _io(KVMIO, 0x47)
 KVM_CREATE_IRQCHIP = _io(KVMIO, 0x60)
+
+
+class KvmIrqLevel(ctypes.Structure):
+    """struct kvm_irq_level: the GSI (an ISA IRQ for the PIC) and its level."""
+
+    _fields_ = (("irq", ctypes.c_uint32), ("level", ctypes.c_uint32))
+
+
+KVM_IRQ_LINE = _iow(KVMIO, 0x61, ctypes.sizeof(KvmIrqLevel))
 KVM_CREATE_PIT2 = _iow(KVMIO, 0x77, ctypes.sizeof(KvmPitConfig))
 
 # vCPU

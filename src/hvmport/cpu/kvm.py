@@ -620,6 +620,11 @@ class KvmVcpu:
             regs = start.regs.copy()
             regs.rflags |= 0x2
             _host_ioctl(self._fd, k.KVM_SET_REGS, self._to_kvm(regs))
+            if vm.irqchip and vcpu_id:
+                # With an in-kernel LAPIC the other vCPUs wait for INIT/SIPI; ours start at
+                # the state we give them (and run only when the hypervisor runs them).
+                _host_ioctl(self._fd, k.KVM_SET_MP_STATE,
+                            k.KvmMpState(k.KVM_MP_STATE_RUNNABLE))
         except BaseException:
             self._release()
             raise
@@ -1018,6 +1023,14 @@ class KvmVm:
             with contextlib.suppress(OSError):
                 return _sys(fd, k.KVM_GET_TSC_KHZ)
         return measure_tsc_khz(self.device)
+
+    def set_irq_line(self, irq: int, level: int) -> None:
+        """Drive an ISA interrupt line of the in-kernel PIC/IOAPIC (KVM_IRQ_LINE)."""
+        if not self.irqchip:
+            raise HostError("interrupt lines need the in-kernel irqchip (irqchip=True)")
+        if not 0 <= irq < 16:
+            raise ValueError(f"ISA IRQ {irq} out of range")
+        _host_ioctl(self.fd, k.KVM_IRQ_LINE, k.KvmIrqLevel(irq, 1 if level else 0))
 
     def create_vcpu(self, vcpu_id: int, start: StartState) -> KvmVcpu:
         if self.fd < 0:

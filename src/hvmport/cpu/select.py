@@ -17,7 +17,8 @@ def select_backend(name: str) -> tuple[Backend, str]:
     if name in ("auto", "kvm"):
         why_not = probe_kvm()
         if why_not is None:
-            return KvmBackend(), "kvm (/dev/kvm answered KVM_GET_API_VERSION)"
+            return (KvmBackend(irqchip=True),
+                    "kvm (/dev/kvm answered KVM_GET_API_VERSION; in-kernel irqchip)")
         if name == "kvm":
             raise HostError(f"--backend kvm: {why_not}")
         from hvmport.cpu.unicorn import UnicornBackend

@@ -10,12 +10,15 @@ Ports the hypervisor itself serves, as Xen and QEMU do for test guests:
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import BinaryIO
 
 from hvmport.core.domain import Domain, IoResult, IoStatus
 from hvmport.core.vmport import BackdoorRegs, apply_in
 from hvmport.cpu.base import PortAccess, Regs, VcpuContext, VcpuStop
+from hvmport.hv.pic import PORTS as PIC_PORTS
+from hvmport.hv.pic import Pic
 
 DEBUGCON_PORT = 0xE9
 DEBUG_EXIT_PORT = 0xF4
@@ -46,11 +49,15 @@ class Emulator:
     """Glue between a CPU backend's exits and the sans-io core."""
 
     def __init__(self, domain: Domain, console: BinaryIO | None,
-                 waiter: Waiter | None = None) -> None:
+                 waiter: Waiter | None = None, pic: Pic | None = None,
+                 lock: threading.Lock | None = None) -> None:
         self.domain = domain
         self.console = console
         #: How a vCPU waits for a device model; None until a transport is attached.
         self.waiter = waiter
+        #: The hypervisor's own 8259 pair, where the CPU backend has none in its kernel.
+        self.pic = pic
+        self.lock = lock or threading.Lock()
 
     def port_io(self, ctx: VcpuContext, access: PortAccess) -> bytes | None:
         port = access.port
@@ -67,9 +74,30 @@ class Emulator:
                 value = int.from_bytes(access.data[: access.size], "little")
                 raise VcpuStop((value << 1) | 1, f"isa-debug-exit wrote {value:#x}")
             return bytes(access.size * access.count)
+        if self.pic is not None and port in PIC_PORTS:
+            return self._pic(access)
         if access.string:
             return self._string(ctx, access)
         return self._single(ctx, access)
+
+    def _pic(self, access: PortAccess) -> bytes | None:
+        assert self.pic is not None
+        out = bytearray()
+        with self.lock:
+            for i in range(access.count):
+                if access.is_write:
+                    # Byte-wide registers: a wider write reaches the low byte's port only.
+                    self.pic.port_write(access.port, access.data[i * access.size])
+                else:
+                    out += self.pic.port_read(access.port).to_bytes(1, "little")
+                    out += b"\xff" * (access.size - 1)
+        return None if access.is_write else bytes(out)
+
+    def set_irq(self, irq: int, level: int) -> None:
+        """An ISA interrupt line from a device model, into the hypervisor's PIC."""
+        if self.pic is not None:
+            with self.lock:
+                self.pic.set_irq(irq, level)
 
     def _single(self, ctx: VcpuContext, access: PortAccess) -> bytes | None:
         # Registers are only needed for the backdoor; skip fetching them otherwise.

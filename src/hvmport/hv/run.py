@@ -32,6 +32,7 @@ from hvmport.hv.control import ControlServer
 from hvmport.hv.evtchn import Channel
 from hvmport.hv.launch import DeviceModelProcess
 from hvmport.hv.memory import GuestMemory, check_memory_mib
+from hvmport.hv.pic import Pic
 from hvmport.hv.shmem import MemfdPages
 from hvmport.hv.wait import DeviceModelWaiter
 
@@ -161,10 +162,15 @@ def run(config: RunConfig, clock: Clock | None = None) -> RunResult:
 
         domain.on_crash = crashed
         stack.callback(setattr, domain, "on_crash", None)  # no cycle outliving the run
-        emulator = emulate.Emulator(domain, config.console, waiter)
+        # Interrupt lines go to the in-kernel irqchip where the backend has one, else to
+        # the hypervisor's own PIC model.
+        kernel_irq = _irq_sink(vm)
+        emulator = emulate.Emulator(domain, config.console, waiter,
+                                    pic=None if kernel_irq else Pic())
+        irq_sink = kernel_irq or emulator.set_irq
         if config.device_model:
             control = ControlServer(os.path.join(rundir, "control"), domain, lock, memory,
-                                    pages, channels, irq=_irq_sink(vm),
+                                    pages, channels, irq=irq_sink,
                                     describe_peer=lambda pid: _describe(dms, pid))
             control.start()
             stack.callback(_stop_all, dms)
@@ -185,6 +191,8 @@ def run(config: RunConfig, clock: Clock | None = None) -> RunResult:
 
 
 def _irq_sink(vm: Vm) -> Callable[[int, int], None] | None:
+    if not getattr(vm, "irqchip", False):
+        return None
     sink: Callable[[int, int], None] | None = getattr(vm, "set_irq_line", None)
     return sink
 
