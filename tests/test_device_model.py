@@ -95,6 +95,13 @@ def test_battery_with_device_model_decodes_like_qemu(tmp_path: Path, backend: st
     assert ours[("l64", "cmd_010a.in4")]["rbx"] == "b0b0b0b0564d5868"
 
 
+def start_run(console: Path, *args: str) -> subprocess.Popen[str]:
+    """`hvmport run` in the background, for tests that act while the guest runs."""
+    return subprocess.Popen([sys.executable, "-m", "hvmport.cli", "run", "--debugcon",
+                             str(console), "--timeout", "60", *args],
+                            stderr=subprocess.PIPE, text=True)
+
+
 def _inject(qmp_path: str, console: Path, moves: list[list[dict[str, object]]]) -> list[object]:
     from qemu.qmp import QMPClient
 
@@ -121,10 +128,8 @@ def abs_move(x: int, y: int) -> list[dict[str, object]]:
 
 def test_host_pointer_events_reach_the_guest(tmp_path: Path, backend: str) -> None:
     console, qmp_path = tmp_path / "con.txt", str(tmp_path / "qmp.sock")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "hvmport.cli", "run", "--backend", backend, "--kernel",
-         guest("vmmouse"), "--cmdline", "pointer=3", "--qmp", qmp_path, "--debugcon",
-         str(console), "--timeout", "60"], stderr=subprocess.PIPE, text=True)
+    proc = start_run(console, "--backend", backend, "--kernel", guest("vmmouse"),
+                     "--cmdline", "pointer=3", "--qmp", qmp_path)
     try:
         answers = _inject(qmp_path, console, [
             abs_move(0x4000, 0x1234),
@@ -268,10 +273,8 @@ def _stray(pattern: str) -> list[str]:
 def test_device_model_killed_mid_request(tmp_path: Path, backend: str) -> None:
     image = tmp_path / "loop.bin"
     image.write_bytes(assemble_flat(STATUS_LOOP, 32, 0x100000))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "hvmport.cli", "run", "--backend", backend, "--kernel",
-         str(image), "--mode", "32", "--debugcon", str(tmp_path / "c.txt"), "--timeout",
-         "60"], stderr=subprocess.PIPE, text=True)
+    proc = start_run(tmp_path / "c.txt", "--backend", backend, "--kernel", str(image),
+                     "--mode", "32")
     try:
         dm_pid = _wait_for_child(proc.pid, "hvmport.dm")
         time.sleep(0.3)  # the guest is hammering the device model by now
@@ -287,10 +290,8 @@ def test_device_model_killed_mid_request(tmp_path: Path, backend: str) -> None:
 def test_device_model_leaves_with_its_hypervisor(tmp_path: Path, backend: str) -> None:
     image = tmp_path / "loop.bin"
     image.write_bytes(assemble_flat(STATUS_LOOP, 32, 0x100000))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "hvmport.cli", "run", "--backend", backend, "--kernel",
-         str(image), "--mode", "32", "--debugcon", str(tmp_path / "c.txt")],
-        stderr=subprocess.DEVNULL)
+    proc = start_run(tmp_path / "c.txt", "--backend", backend, "--kernel", str(image),
+                     "--mode", "32")
     dm_pid = _wait_for_child(proc.pid, "hvmport.dm")
     proc.kill()
     proc.wait()

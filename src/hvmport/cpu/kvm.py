@@ -70,7 +70,7 @@ import signal
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from operator import attrgetter
 from typing import Final
 
@@ -571,19 +571,25 @@ def _rip_convention(device: str) -> RipConvention:
         return known
 
 
-def _measure_rip_convention(device: str) -> RipConvention:
-    memory = GuestMemory(2, "hvmport-kvm-probe")
+@contextlib.contextmanager
+def _probe_vcpu(device: str, code: bytes, *, sync_regs: bool, name: str) -> Iterator[KvmVcpu]:
+    """A throwaway one-vCPU real-mode VM running ``code``, for measuring this host."""
+    memory = GuestMemory(2, name)
     try:
-        memory.write(_PROBE_ORG, _PROBE_CODE)
-        vm = KvmVm(device, VmConfig(memory), sync_regs=True, irqchip=False,
+        memory.write(_PROBE_ORG, code)
+        vm = KvmVm(device, VmConfig(memory), sync_regs=sync_regs, irqchip=False,
                    convention=MAINLINE_CONVENTION)
         try:
-            vcpu = vm.create_vcpu(0, StartState(Mode.REAL16, Regs(rip=_PROBE_ORG)))
-            return vcpu.probe_rip_convention()
+            yield vm.create_vcpu(0, StartState(Mode.REAL16, Regs(rip=_PROBE_ORG)))
         finally:
             vm.close()
     finally:
         memory.close()
+
+
+def _measure_rip_convention(device: str) -> RipConvention:
+    with _probe_vcpu(device, _PROBE_CODE, sync_regs=True, name="hvmport-kvm-probe") as vcpu:
+        return vcpu.probe_rip_convention()
 
 
 def _kernel_sigset(signals: Iterable[int]) -> int:
@@ -1072,29 +1078,19 @@ def measure_tsc_khz(device: str = KVM_DEVICE, interval: float = 0.05) -> int:
     """The guest TSC rate, timed against the host clock (when KVM_GET_TSC_KHZ is missing)."""
     # Real mode: rdtsc, then an OUT exit at which the host reads EDX:EAX; repeat.
     code = bytes.fromhex("0f31" "e680" "ebfa")  # rdtsc; out %al, $0x80; jmp back
-    memory = GuestMemory(2, "hvmport-kvm-tsc")
-    try:
-        memory.write(_PROBE_ORG, code)
-        vm = KvmVm(device, VmConfig(memory), sync_regs=False, irqchip=False,
-                   convention=MAINLINE_CONVENTION)
-        try:
-            vcpu = vm.create_vcpu(0, StartState(Mode.REAL16, Regs(rip=_PROBE_ORG)))
-            samples: list[tuple[float, int]] = []
-            regs = k.KvmRegs()
-            for _ in range(2):
-                before = time.monotonic_ns()
-                _host_ioctl(vcpu._fd, k.KVM_RUN)
-                after = time.monotonic_ns()
-                _host_ioctl(vcpu._fd, k.KVM_GET_REGS, regs)
-                tsc = (regs.rdx & 0xFFFF_FFFF) << 32 | (regs.rax & 0xFFFF_FFFF)
-                samples.append(((before + after) / 2, tsc))
-                time.sleep(interval)
-            (t0, c0), (t1, c1) = samples
-            return round((c1 - c0) / ((t1 - t0) / 1e6))
-        finally:
-            vm.close()
-    finally:
-        memory.close()
+    with _probe_vcpu(device, code, sync_regs=False, name="hvmport-kvm-tsc") as vcpu:
+        samples: list[tuple[float, int]] = []
+        regs = k.KvmRegs()
+        for _ in range(2):
+            before = time.monotonic_ns()
+            _host_ioctl(vcpu._fd, k.KVM_RUN)
+            after = time.monotonic_ns()
+            _host_ioctl(vcpu._fd, k.KVM_GET_REGS, regs)
+            tsc = (regs.rdx & 0xFFFF_FFFF) << 32 | (regs.rax & 0xFFFF_FFFF)
+            samples.append(((before + after) / 2, tsc))
+            time.sleep(interval)
+    (t0, c0), (t1, c1) = samples
+    return round((c1 - c0) / ((t1 - t0) / 1e6))
 
 
 class KvmBackend:
