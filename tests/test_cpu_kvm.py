@@ -29,6 +29,7 @@ from hvmport.cpu.base import (
     SEL_DATA16,
     Exit,
     ExitKind,
+    MmioAccess,
     Mode,
     PortAccess,
     Regs,
@@ -666,10 +667,40 @@ def test_triple_fault_is_shutdown(boot: GuestFactory, backend: KvmBackend, mode:
     assert io.text == "t"
 
 
-def test_access_outside_ram_is_an_error_exit(boot: GuestFactory, backend: KvmBackend) -> None:
-    guest = boot(Mode.PROT32, "movl $1, 0x10000000\n", backend=backend)
-    result = guest.vcpu.run(ConsoleIo())
-    assert result.kind is ExitKind.ERROR and "0x10000000" in result.reason
+MMIO_PROBE = """
+    movl $0x01020304, 0x10000000
+    movl 0x10000000, %eax
+    out %al, $0xe9
+    mov $0, %al
+    out %al, $0xf4
+"""
+
+
+def test_access_outside_ram_is_mmio(boot: GuestFactory, backend: KvmBackend) -> None:
+    # A handler without ``mmio``: the write is dropped, the read gives all ones.
+    guest = boot(Mode.PROT32, MMIO_PROBE, backend=backend)
+    io = ConsoleIo()
+    assert guest.vcpu.run(io).kind is ExitKind.STOPPED
+    assert io.console == b"\xff"
+
+
+class MmioRecorder(ConsoleIo):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mmio_accesses: list[MmioAccess] = []
+
+    def mmio(self, ctx: VcpuContext, access: MmioAccess) -> bytes | None:
+        self.mmio_accesses.append(access)
+        return None if access.is_write else b"\x5a\x00\x00\x00"
+
+
+def test_mmio_exits_reach_the_handler(boot: GuestFactory, backend: KvmBackend) -> None:
+    guest = boot(Mode.PROT32, MMIO_PROBE, backend=backend)
+    io = MmioRecorder()
+    assert guest.vcpu.run(io).kind is ExitKind.STOPPED
+    assert io.mmio_accesses == [MmioAccess(0x10000000, 4, True, b"\x04\x03\x02\x01"),
+                                MmioAccess(0x10000000, 4, False)]
+    assert io.console == b"\x5a"
 
 
 def test_instruction_kvm_cannot_run_is_an_exit(boot: GuestFactory, backend: KvmBackend) -> None:

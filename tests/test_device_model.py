@@ -372,3 +372,51 @@ def test_device_model_interrupt_lines_reach_the_pic(tmp_path: Path, backend: str
     assert before & 0x02 == 0
     assert after & 0x02 == 0x02
     assert data == 0x55
+
+
+MMIO = """
+    # Scratch MMIO registers of the device model at 0xfe000000: write, read back, read a
+    # byte of it, then read an address nobody claims.
+    mov $0xfe000000, %ebx
+    movl $0x11223344, (%ebx)
+    movl (%ebx), %eax
+    call put4
+    movb 3(%ebx), %al
+    out %al, $0xe9
+    mov $0xfd000000, %ebx
+    movl (%ebx), %eax
+    call put4
+    # REP MOVSB from guest memory into the device (a data_is_ptr request, or single ones).
+    mov $0x200000, %esi
+    movl $0x44434241, (%esi)
+    mov $0xfe000010, %edi
+    mov $4, %ecx
+    cld
+    rep movsb
+    mov $0xfe000010, %ebx
+    movl (%ebx), %eax
+    call put4
+    mov $0, %al
+    out %al, $0xf4
+put4:
+    mov $4, %ecx
+1:  out %al, $0xe9
+    shr $8, %eax
+    dec %ecx
+    jnz 1b
+    ret
+"""
+
+
+@pytest.mark.parametrize("bits", [32, 64])
+def test_mmio_reaches_the_device_model(tmp_path: Path, backend: str, bits: int) -> None:
+    image = tmp_path / "mmio.bin"
+    image.write_bytes(assemble_flat(MMIO, bits, 0x100000))
+    run = hvmport_run(tmp_path, "--backend", backend, "--kernel", str(image), "--mode",
+                      str(bits), "--dm-arg=--mmio=0xfe000000-0xfe000fff")
+    assert run.status == 1, run.stderr
+    out = run.console.encode("latin-1")
+    assert out[0:4] == bytes.fromhex("44332211")
+    assert out[4] == 0x11
+    assert out[5:9] == b"\xff" * 4  # nobody claims 0xfd000000: all ones
+    assert out[9:13] == b"ABCD"

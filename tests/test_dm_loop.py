@@ -10,7 +10,7 @@ import pytest
 from hvmport.abi import ioreq as abi
 from hvmport.core import slots
 from hvmport.dm.devices.bus import PortBus
-from hvmport.dm.devices.scratch import ScratchPorts
+from hvmport.dm.devices.scratch import ScratchRegisters
 from hvmport.dm.ioreq_loop import IoreqLoop
 
 
@@ -29,7 +29,7 @@ def make_loop(vmport_calls: list[list[int]] | None = None) -> tuple[IoreqLoop, m
     regs = mmap.mmap(-1, 4096)
     mem = mmap.mmap(-1, 1 << 16)
     bus = PortBus()
-    bus.register(0x510, 0x51F, ScratchPorts(0x510, 0x51F), "scratch")
+    bus.register(0x510, 0x51F, ScratchRegisters(0x510, 0x51F), "scratch")
 
     def vmport(r: list[int], is_write: bool, size: int) -> int:
         if vmport_calls is not None:
@@ -117,3 +117,44 @@ def test_broken_ring_is_abandoned_not_fatal() -> None:
     loop2.serve_once()
     loop2.serve_once()
     assert loop2.stats.rejected == 1
+
+
+def test_copy_requests_reach_mmio_devices_both_ways() -> None:
+    from hvmport.dm.devices.mmio import MmioBus
+    from hvmport.dm.devices.scratch import ScratchRegisters
+
+    loop, page, _, mem = make_loop()
+    bus = MmioBus()
+    bus.register(0xFE000000, 0xFE000FFF, ScratchRegisters(0xFE000000, 0xFE000FFF))
+    loop.memory_devices = bus
+    post(page, abi.IoReq(addr=0xFE000008, size=8, type=abi.IOREQ_TYPE_COPY,
+                         dir=abi.IOREQ_WRITE, data=0x1122334455667788))
+    answer(loop, page)
+    post(page, abi.IoReq(addr=0xFE000008, size=4, type=abi.IOREQ_TYPE_COPY,
+                         dir=abi.IOREQ_READ))
+    assert answer(loop, page).data == 0x55667788
+    # REP MOVSD out of the device into guest memory, DF = 1: both addresses step down.
+    post(page, abi.IoReq(addr=0xFE00000C, size=4, count=2, type=abi.IOREQ_TYPE_COPY,
+                         dir=abi.IOREQ_READ, data_is_ptr=True, df=True, data=0x104))
+    answer(loop, page)
+    assert mem[0x100:0x108] == (0x1122334455667788).to_bytes(8, "little")
+    # Unclaimed MMIO reads all ones.
+    post(page, abi.IoReq(addr=0xFD000000, size=2, type=abi.IOREQ_TYPE_COPY,
+                         dir=abi.IOREQ_READ))
+    assert answer(loop, page).data == 0xFFFF
+    assert loop.stats.rejected == 0
+
+
+def test_mmio_bus_refuses_overlaps() -> None:
+    from hvmport.dm.devices.mmio import MmioBus
+    from hvmport.dm.devices.scratch import ScratchRegisters
+    from hvmport.errors import ConfigError
+
+    bus = MmioBus()
+    bus.register(0x1000, 0x1FFF, ScratchRegisters(0x1000, 0x1FFF))
+    with pytest.raises(ConfigError):
+        bus.register(0x1800, 0x2800, ScratchRegisters(0x1800, 0x2800))
+    with pytest.raises(ConfigError):
+        bus.register(0x0800, 0x1000, ScratchRegisters(0x0800, 0x1000))
+    bus.register(0x2000, 0x2FFF, ScratchRegisters(0x2000, 0x2FFF))
+    assert bus.read(0x1FFE, 4) == 0xFFFFFFFF  # straddles two devices: nobody's

@@ -215,6 +215,8 @@ RUN_EXIT_UNION = 32
 RUN_EXIT_UNION_SIZE = 256
 #: io: u8 direction, u8 size, u16 port, u32 count, u64 data_offset (from the run page start).
 RUN_IO = RUN_EXIT_UNION
+#: mmio: u64 phys_addr, u8 data[8], u32 len, u8 is_write.
+RUN_MMIO_FORMAT = "<Q8sIB"
 RUN_IO_FORMAT = "<BBHIQ"
 #: fail_entry: u64 hardware_entry_failure_reason, u32 cpu.
 RUN_FAIL_ENTRY_FORMAT = "<QI"

@@ -115,6 +115,22 @@ class PortAccess:
     data: bytes = b""
 
 
+@dataclass(slots=True, frozen=True)
+class MmioAccess:
+    """One memory access outside guest RAM (an MMIO exit); ``data`` as for PortAccess."""
+
+    addr: int
+    size: int
+    is_write: bool
+    data: bytes = b""
+
+
+#: Guest-physical addresses from here to 4 GiB are MMIO on every backend (the PC's hole
+#: below 4 GiB); RAM ends below it.
+MMIO_BASE = 0xC0000000
+MMIO_END = 0x100000000
+
+
 class VcpuContext(Protocol):
     """What the I/O handler may see and change of the vCPU that exited."""
 
@@ -132,6 +148,14 @@ class VcpuContext(Protocol):
 
 class IoHandler(Protocol):
     def port_io(self, ctx: VcpuContext, access: PortAccess) -> bytes | None: ...
+
+
+class MmioHandler(Protocol):
+    """Optional: a handler that also has ``mmio`` gets MMIO exits; one that has not gets
+    all ones for reads and its writes are dropped. ``mmio`` returns ``size`` bytes for a
+    read and None for a write, and may raise VcpuStop like ``port_io``."""
+
+    def mmio(self, ctx: VcpuContext, access: MmioAccess) -> bytes | None: ...
 
 
 class ExitKind(enum.Enum):

@@ -83,6 +83,7 @@ from hvmport.cpu.base import (
     Exit,
     ExitKind,
     IoHandler,
+    MmioAccess,
     Mode,
     PortAccess,
     Regs,
@@ -282,6 +283,7 @@ def apply_start_state(sregs: k.KvmSregs, start: StartState) -> None:
 _U32: Final = struct.Struct("<I")
 _U64: Final = struct.Struct("<Q")
 _IO: Final = struct.Struct(k.RUN_IO_FORMAT)
+_MMIO: Final = struct.Struct(k.RUN_MMIO_FORMAT)
 _REGS: Final = struct.Struct("<18Q")
 _REG_TUPLE: Final = attrgetter(*k.REG_NAMES)
 
@@ -783,6 +785,11 @@ class KvmVcpu:
                 if stop is not None:
                     return stop
                 continue
+            if reason == k.KVM_EXIT_MMIO:
+                stop = self._mmio(handler, run)
+                if stop is not None:
+                    return stop
+                continue
             return self._other_exit(reason, run)
 
     def _port_io(self, handler: IoHandler, run: mmap.mmap) -> Exit | None:
@@ -815,6 +822,28 @@ class KvmVcpu:
                 self._merge_in_result(run, size, result)
         elif result is not None:
             raise TypeError(f"I/O handler returned data for a write to port {port:#x}")
+        return None
+
+    def _mmio(self, handler: IoHandler, run: mmap.mmap) -> Exit | None:
+        addr, data, length, is_write = _MMIO.unpack_from(run, k.RUN_EXIT_UNION)
+        if length not in (1, 2, 4, 8):
+            return Exit(ExitKind.ERROR, f"MMIO access of {length} bytes at {addr:#x}")
+        access = MmioAccess(addr, length, bool(is_write), data[:length] if is_write else b"")
+        mmio = getattr(handler, "mmio", None)
+        try:
+            if mmio is not None:
+                result = mmio(self, access)
+            else:
+                result = None if is_write else b"\xff" * length
+        except VcpuStop as stop:
+            return Exit(ExitKind.STOPPED, stop.reason or str(stop), stop.status)
+        if not is_write:
+            if not isinstance(result, bytes) or len(result) != length:
+                raise TypeError(f"MMIO handler returned {result!r} for a {length}-byte read "
+                                f"at {addr:#x}")
+            # KVM completes the load from here on the next KVM_RUN.
+            at = k.RUN_EXIT_UNION + 8
+            run[at:at + length] = result
         return None
 
     def _merge_in_result(self, run: mmap.mmap, size: int, result: bytes) -> None:

@@ -62,6 +62,8 @@ from unicorn import x86_const as x86
 from unicorn.unicorn_py3 import Uc, UcError
 
 from hvmport.cpu.base import (
+    MMIO_BASE,
+    MMIO_END,
     SEL_CODE16,
     SEL_CODE32,
     SEL_CODE64,
@@ -70,6 +72,7 @@ from hvmport.cpu.base import (
     Exit,
     ExitKind,
     IoHandler,
+    MmioAccess,
     Mode,
     PortAccess,
     Regs,
@@ -635,6 +638,9 @@ class UnicornVcpu:
         uc = _open_uc(ucc.UC_MODE_64)
         try:
             uc.mem_map_ptr(0, vm.memory.size, ucc.UC_PROT_ALL, vm.memory.host_address)
+            # The PC's MMIO hole: accesses there go to the I/O handler, as KVM's MMIO exits.
+            uc.mmio_map(MMIO_BASE, MMIO_END - MMIO_BASE, self._mmio_read, None,
+                        self._mmio_write, None)
             uc.ctl_exits_enabled(True)
             uc.context_restore(context)
             # libunicorn holds bare pointers to these trampolines: keep them alive.
@@ -1098,6 +1104,41 @@ class UnicornVcpu:
         # memory access or its end); _stopping makes the hooks inert meanwhile.
         self._stopping = True
         self._uc.emu_stop()
+
+    def _mmio_read(self, uc: Any, offset: int, size: int, user_data: object) -> int:
+        reply = self._mmio(MmioAccess(MMIO_BASE + offset, size, False))
+        return int.from_bytes(reply, "little") if reply else (1 << (8 * size)) - 1
+
+    def _mmio_write(self, uc: Any, offset: int, size: int, value: int,
+                    user_data: object) -> None:
+        data = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+        self._mmio(MmioAccess(MMIO_BASE + offset, size, True, data))
+
+    def _mmio(self, access: MmioAccess) -> bytes | None:
+        """One MMIO access for the handler; all ones / dropped if it has no ``mmio``."""
+        handler = self._handler
+        mmio = getattr(handler, "mmio", None)
+        if mmio is None or self._stopping:
+            return None
+        turn = self._vm.turn
+        if turn is not None:
+            turn.release()  # as for port I/O: the handler runs no guest code
+        try:
+            reply: bytes | None = mmio(self, access)
+        except VcpuStop as stop:
+            self._finish(Exit(ExitKind.STOPPED, stop.reason or str(stop), stop.status))
+            return None
+        except BaseException as exc:  # a host bug: re-raised from run()
+            self._fail(exc)
+            return None
+        finally:
+            if turn is not None:
+                turn.acquire()
+        if not access.is_write and (not isinstance(reply, bytes) or len(reply) != access.size):
+            self._fail(TypeError(f"MMIO handler returned {reply!r} for a {access.size}-byte "
+                                 f"read at {access.addr:#x}"))
+            return None
+        return reply
 
     def _finish(self, exit_: Exit) -> None:
         """End the vCPU with ``exit_`` (from a hook)."""

@@ -53,6 +53,7 @@ class IoreqLoop:
     channels: list[EventChannel]
     devices: PortDevices
     vmport: VmportHandler | None = None
+    memory_devices: PortDevices | None = None
     vmport_page: mmap.mmap | None = None
     buf_page: mmap.mmap | None = None
     buf_channel: EventChannel | None = None
@@ -153,8 +154,15 @@ class IoreqLoop:
             return None
         if req.type in (abi.IOREQ_TYPE_TIMEOFFSET, abi.IOREQ_TYPE_INVALIDATE):
             return None  # no RTC offset to track, no map cache to flush
+        if req.type == abi.IOREQ_TYPE_COPY and self.memory_devices is not None:
+            if req.data_is_ptr:
+                return self._copy_string(vcpu, req, ones)
+            if req.dir == abi.IOREQ_READ:
+                return self.memory_devices.read(req.addr, req.size) & ones
+            self.memory_devices.write(req.addr, req.size, req.data & ones)
+            return None
         if req.type in (abi.IOREQ_TYPE_COPY, abi.IOREQ_TYPE_PCI_CONFIG):
-            return ones if req.dir == abi.IOREQ_READ else None  # nothing mapped there yet
+            return ones if req.dir == abi.IOREQ_READ else None  # no such device here
         self._reject(f"vCPU {vcpu}: unknown ioreq type {req.type}")
         return ones
 
@@ -176,7 +184,8 @@ class IoreqLoop:
             regs[3] & MASK32).pack()
         return value & ones
 
-    def _pio_string(self, vcpu: int, req: abi.IoReq, ones: int) -> int | None:
+    def _guest_span(self, vcpu: int, req: abi.IoReq) -> mmap.mmap | None:
+        """Guest memory if the whole REP buffer lies inside it, else None (and say so)."""
         mem = self.guest_memory
         step = -req.size if req.df else req.size
         last = req.data + step * (req.count - 1)
@@ -185,6 +194,29 @@ class IoreqLoop:
             self._reject(f"vCPU {vcpu}: string buffer {req.data:#x} x{req.count} "
                          "outside guest memory")
             return None
+        return mem
+
+    def _copy_string(self, vcpu: int, req: abi.IoReq, ones: int) -> int | None:
+        """REP MOVS to or from MMIO: both addresses step, in the direction DF says."""
+        mem = self._guest_span(vcpu, req)
+        devices = self.memory_devices
+        if mem is None or devices is None:
+            return None
+        step = -req.size if req.df else req.size
+        for i in range(req.count):
+            at, dev = req.data + step * i, req.addr + step * i
+            if req.dir == abi.IOREQ_READ:
+                mem[at:at + req.size] = (devices.read(dev, req.size) & ones).to_bytes(
+                    req.size, "little")
+            else:
+                devices.write(dev, req.size, int.from_bytes(mem[at:at + req.size], "little"))
+        return None
+
+    def _pio_string(self, vcpu: int, req: abi.IoReq, ones: int) -> int | None:
+        mem = self._guest_span(vcpu, req)
+        if mem is None:
+            return None
+        step = -req.size if req.df else req.size
         for i in range(req.count):
             at = req.data + step * i
             if req.dir == abi.IOREQ_READ:

@@ -28,7 +28,8 @@ from hvmport.abi import ioreq as abi
 from hvmport.dm.client import DeviceModel, EventChannel
 from hvmport.dm.devices.bus import PortBus
 from hvmport.dm.devices.i8042 import I8042
-from hvmport.dm.devices.scratch import ScratchPorts
+from hvmport.dm.devices.mmio import MmioBus
+from hvmport.dm.devices.scratch import MAX_SCRATCH, ScratchRegisters
 from hvmport.dm.devices.uart import Uart16550
 from hvmport.dm.devices.vmmouse import Vmmouse
 from hvmport.dm.devices.vmport import Vmport, VmportProperties, VmportRegs
@@ -62,6 +63,17 @@ def _port_range(text: str) -> tuple[int, int]:
     return start, end
 
 
+def _mmio_range(text: str) -> tuple[int, int]:
+    try:
+        first, _, last = text.partition("-")
+        start, end = int(first, 0), int(last or first, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an address range: {text!r} (use A-B)") from None
+    if not 0 <= start <= end < 1 << 64 or end - start >= MAX_SCRATCH:
+        raise argparse.ArgumentTypeError(f"bad MMIO range {text!r} (at most 64 KiB)")
+    return start, end
+
+
 def _prop(text: str) -> tuple[str, int]:
     name, eq, value = text.partition("=")
     if not eq:
@@ -89,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="receive VMWARE_PORT requests as QEMU's type 3 (hvmport extension)")
     p.add_argument("--ports", type=_port_range, action="append", default=[],
                    help="claim this port range with scratch registers (repeatable)")
+    p.add_argument("--mmio", type=_mmio_range, action="append", default=[],
+                   help="claim this guest-physical range (A-B) with scratch registers")
     p.add_argument("--vmport-prop", type=_prop, action="append", default=[],
                    metavar="NAME=VALUE", help="a QEMU vmport property, e.g. x-cmds-v2=off")
     p.add_argument("--uuid", default="00000000-0000-0000-0000-000000000000",
@@ -109,6 +123,7 @@ class DeviceModelProcess:
         self.client.restrict(self.domid)
         self.nr_vcpus = self.client.nr_vcpus(self.domid)
         self.bus = PortBus()
+        self.mmio = MmioBus()
         self.vmport: Vmport | None = None
         self.vmmouse: Vmmouse | None = None
         self.i8042: I8042 | None = None
@@ -151,8 +166,10 @@ class DeviceModelProcess:
             self.vmmouse = Vmmouse(self.vmport, i8042.fake_aux_movement)
             self.i8042 = i8042
         for first, last in self.args.ports:
-            self.bus.register(first, last, ScratchPorts(first, last), "scratch")
+            self.bus.register(first, last, ScratchRegisters(first, last), "scratch")
             ranges.append((first, last))
+        for first, last in self.args.mmio:
+            self.mmio.register(first, last, ScratchRegisters(first, last))
         return ranges
 
     def vmport_call(self, regs: list[int], is_write: bool, size: int) -> int:
@@ -182,6 +199,9 @@ class DeviceModelProcess:
                 domid, sid, dmop.HVMPORT_RESOURCE_IOREQ_SERVER_FRAME_VMPORT)[0]
         for first, last in ranges:
             c.map_io_range_to_ioreq_server(domid, sid, dmop.XEN_DMOP_IO_RANGE_PORT, first, last)
+        for first, last in self.mmio.ranges():
+            c.map_io_range_to_ioreq_server(domid, sid, dmop.XEN_DMOP_IO_RANGE_MEMORY, first,
+                                           last)
         c.set_ioreq_server_state(domid, sid, True)
         # vp_eport appears in each slot once the server is enabled (QEMU's order).
         channels: list[EventChannel] = []
@@ -198,6 +218,7 @@ class DeviceModelProcess:
         loop = IoreqLoop(
             self.nr_vcpus, ioreq_page, channels, self.bus,
             vmport=self.vmport_call if self.vmport is not None else None,
+            memory_devices=self.mmio,
             vmport_page=vmport_page, buf_page=buf_page, buf_channel=buf_channel,
             guest_memory=guest, vmport_types=vmport_types, spin_us=args.spin_us,
             add32=atomic.add32, watch={c.fileno(): self._hypervisor_gone},

@@ -16,7 +16,7 @@ from typing import BinaryIO
 
 from hvmport.core.domain import Domain, IoResult, IoStatus
 from hvmport.core.vmport import BackdoorRegs, apply_in
-from hvmport.cpu.base import PortAccess, Regs, VcpuContext, VcpuStop
+from hvmport.cpu.base import MmioAccess, PortAccess, Regs, VcpuContext, VcpuStop
 from hvmport.hv.pic import PORTS as PIC_PORTS
 from hvmport.hv.pic import Pic
 
@@ -30,8 +30,9 @@ STATUS_DOMAIN_CRASHED = 6
 STATUS_HOST_ERROR = 8
 STATUS_TIMEOUT = 124
 
-#: Waits for a forwarded request to complete: (vcpu, event-channel port) -> IoResult.
-Waiter = Callable[[int, int, BackdoorRegs, PortAccess], IoResult]
+#: Waits for a forwarded request to complete: (vcpu, event-channel port, registers, what
+#: the access was, for messages) -> IoResult.
+Waiter = Callable[[int, int, BackdoorRegs, str], IoResult]
 
 
 class DomainCrashed(VcpuStop):
@@ -109,7 +110,7 @@ class Emulator:
         result = self.domain.pio(ctx.vcpu_id, access.port, access.size, access.is_write,
                                  value, bregs, cpl)
         if result.status is IoStatus.WAIT:
-            result = self._wait(ctx.vcpu_id, result, bregs, access)
+            result = self._wait(ctx.vcpu_id, result, bregs, f"port {access.port:#x}")
         if result.status is IoStatus.CRASHED:
             raise DomainCrashed(result.reason)
         if result.regs is not None and regs is not None:
@@ -135,7 +136,7 @@ class Emulator:
             result = self.domain.pio(ctx.vcpu_id, access.port, access.size, access.is_write,
                                      value, _NO_REGS, 0, string=True)
             if result.status is IoStatus.WAIT:
-                result = self._wait(ctx.vcpu_id, result, _NO_REGS, access)
+                result = self._wait(ctx.vcpu_id, result, _NO_REGS, f"port {access.port:#x}")
             if result.status is IoStatus.CRASHED:
                 raise DomainCrashed(result.reason)
             if not access.is_write:
@@ -146,13 +147,26 @@ class Emulator:
                     out += v.to_bytes(access.size, "little")
         return None if access.is_write else bytes(out)
 
-    def _wait(self, vcpu: int, result: IoResult, regs: BackdoorRegs,
-              access: PortAccess) -> IoResult:
+    def mmio(self, ctx: VcpuContext, access: MmioAccess) -> bytes | None:
+        """An access to the MMIO hole: an ioreq server's MEMORY range, or the null handler."""
+        value = int.from_bytes(access.data, "little") if access.is_write else 0
+        result = self.domain.mmio(ctx.vcpu_id, access.addr, access.size, access.is_write, value)
+        if result.status is IoStatus.WAIT:
+            result = self._wait(ctx.vcpu_id, result, _NO_REGS,
+                                f"MMIO at {access.addr:#x}")
+        if result.status is IoStatus.CRASHED:
+            raise DomainCrashed(result.reason)
+        if access.is_write:
+            return None
+        read = result.value if result.value is not None else (1 << (8 * access.size)) - 1
+        return read.to_bytes(access.size, "little")
+
+    def _wait(self, vcpu: int, result: IoResult, regs: BackdoorRegs, what: str) -> IoResult:
         if self.waiter is None or result.notify is None:
             self.domain.crash("request forwarded to an ioreq server with no transport",
                               "hypervisor")
             return IoResult(IoStatus.CRASHED, reason="no device-model transport")
-        return self.waiter(vcpu, result.notify, regs, access)
+        return self.waiter(vcpu, result.notify, regs, what)
 
 
 _NO_REGS = BackdoorRegs(0, 0, 0, 0, 0, 0)

@@ -15,7 +15,6 @@ from hvmport.abi.ioreq import IOREQ_STATE_BYTE, STATE_IOREQ_INPROCESS, STATE_IOR
 from hvmport.core import slots
 from hvmport.core.domain import Domain, IoResult, IoStatus, PageKind
 from hvmport.core.vmport import BackdoorRegs
-from hvmport.cpu.base import PortAccess
 from hvmport.hv import evtchn
 from hvmport.hv.evtchn import Channel
 
@@ -43,8 +42,7 @@ class DeviceModelWaiter:
             if chan.to_hv >= 0:
                 evtchn.notify(chan.to_hv)
 
-    def __call__(self, vcpu: int, port: int, regs: BackdoorRegs,
-                 access: PortAccess) -> IoResult:
+    def __call__(self, vcpu: int, port: int, regs: BackdoorRegs, what: str) -> IoResult:
         with self.lock:
             chan = self.channel(port)
             pending = self.domain.pending[vcpu]
@@ -71,6 +69,6 @@ class DeviceModelWaiter:
             if now >= deadline:
                 with self.lock:
                     self.domain.crash(f"device model did not answer vCPU {vcpu}'s request "
-                                      f"(port {access.port:#x}) within {self.deadline_s:g} s")
+                                      f"({what}) within {self.deadline_s:g} s")
                     return self.domain.poll(vcpu, regs)
             evtchn.wait(chan.to_hv, min(deadline - now, 0.1))
