@@ -29,9 +29,12 @@ from hvmport.abi.ioreq import (
 from hvmport.core.slots import Page
 
 SLOTS = IOREQ_BUFFER_SLOT_NUM
-_PTRS = struct.Struct("<II")
-_U64 = struct.Struct("<Q")
-_U32 = struct.Struct("<I")
+# The pointers are shared with another process while it runs. CPython packs and unpacks
+# explicit-endian formats ("<I") byte by byte, so the other side could see a torn pointer;
+# native formats copy the whole aligned word at once (the ABI is x86-64, little-endian).
+_PTRS = struct.Struct("II")
+_U64 = struct.Struct("Q")
+_U32 = struct.Struct("I")
 SLOT_BASE = 8
 MAX_BUFFERED_ADDR = 0xFFFFF
 
@@ -158,12 +161,10 @@ class Consumer:
         """
         out: list[BufferedWrite] = []
         while True:
-            # Read read_pointer, write_pointer, read_pointer again: the hypervisor may
-            # canonicalise the pair between the two 32-bit loads.
-            rp = _U32.unpack_from(self.page, 0)[0]
-            wp = _U32.unpack_from(self.page, 4)[0]
-            if _U32.unpack_from(self.page, 0)[0] != rp:
-                continue
+            # One 64-bit load sees both pointers as the hypervisor left them: it may
+            # canonicalise the pair (subtract 511s from both) at any moment.
+            pair = _U64.unpack_from(self.page, 0)[0]
+            rp, wp = pair & 0xFFFFFFFF, pair >> 32
             if rp == wp:
                 return out
             if ((wp - rp) & 0xFFFFFFFF) > SLOTS:
