@@ -1,0 +1,67 @@
+"""`hvmport bench`: what it measures and reports (never how fast: that is its output)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hvmport import benchmark
+from tests import qemu_ref
+from tests.conftest import kvm_unusable
+
+
+def test_loop_image_runs_everywhere_with_markers(tmp_path: Path, backend: str) -> None:
+    image = tmp_path / "loop.bin"
+    image.write_bytes(benchmark.loop_image(50, benchmark.GETVERSION))
+    proc = subprocess.run([sys.executable, "-m", "hvmport.cli", "run", "--backend", backend,
+                           "--kernel", str(image), "--debugcon", "-", "--no-device-model"],
+                          capture_output=True, timeout=120, check=False)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stdout == b"[]"
+
+
+def test_loop_image_under_qemu(tmp_path: Path) -> None:
+    image = tmp_path / "loop.bin"
+    image.write_bytes(benchmark.loop_image(50, benchmark.STATUS))
+    run = qemu_ref.run_multiboot(image)
+    assert (run.status, run.text) == (1, "[]")
+
+
+def test_c_floor_runs_the_same_image(tmp_path: Path) -> None:
+    if kvm_unusable():
+        pytest.skip(f"/dev/kvm unusable: {kvm_unusable()}")
+    image = tmp_path / "loop.bin"
+    data = benchmark.loop_image(50, benchmark.GETVERSION)
+    image.write_bytes(data)
+    floor = benchmark._floor_binary()
+    proc = subprocess.run([str(floor), str(image), hex(benchmark.LOAD),
+                           hex(benchmark.loop_image_entry(data))],
+                          capture_output=True, timeout=60, check=False)
+    assert (proc.returncode, proc.stdout) == (1, b"[]"), proc.stderr
+
+
+def test_json_shape_and_ratios(capsys: pytest.CaptureFixture[str]) -> None:
+    from hvmport.cli import main
+
+    assert main(["bench", "--quick", "--json", "--only",
+                 "floor_unicorn,hv_unicorn,dm_unicorn"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out["scenarios"]) == {"floor_unicorn", "hv_unicorn", "dm_unicorn"}
+    for fig in out["scenarios"].values():
+        assert set(fig) == {"us_per_call", "min", "max"}
+        assert 0 < fig["min"] <= fig["us_per_call"] <= fig["max"]
+    ratio = out["ratios"]["dm_unicorn/floor_unicorn"]
+    assert ratio == pytest.approx(out["scenarios"]["dm_unicorn"]["us_per_call"]
+                                  / out["scenarios"]["floor_unicorn"]["us_per_call"], rel=1e-2)
+
+
+def test_missing_qemu_is_reported_as_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(benchmark.shutil, "which", lambda name: None)
+    res = benchmark.run_benchmarks(quick=True, only={"qemu_kvm", "qemu_tcg"})
+    assert not res.scenarios
+    assert res.skipped["qemu_tcg"] == "qemu-system-x86_64 not installed"
+    assert "qemu_kvm" in res.skipped
