@@ -51,14 +51,18 @@ class Emulator:
 
     def __init__(self, domain: Domain, console: BinaryIO | None,
                  waiter: Waiter | None = None, pic: Pic | None = None,
-                 lock: threading.Lock | None = None) -> None:
+                 domain_lock: threading.Lock | None = None) -> None:
         self.domain = domain
         self.console = console
         #: How a vCPU waits for a device model; None until a transport is attached.
         self.waiter = waiter
         #: The hypervisor's own 8259 pair, where the CPU backend has none in its kernel.
         self.pic = pic
-        self.lock = lock or threading.Lock()
+        # The core is not thread-safe: vCPU threads and the control socket (device
+        # models' dm_ops) share it under one lock. The PIC has its own, because the control
+        # socket drives interrupt lines while it holds the domain lock.
+        self.domain_lock = domain_lock or threading.Lock()
+        self.pic_lock = threading.Lock()
 
     def port_io(self, ctx: VcpuContext, access: PortAccess) -> bytes | None:
         port = access.port
@@ -84,7 +88,7 @@ class Emulator:
     def _pic(self, access: PortAccess) -> bytes | None:
         assert self.pic is not None
         out = bytearray()
-        with self.lock:
+        with self.pic_lock:
             for i in range(access.count):
                 if access.is_write:
                     # Byte-wide registers: a wider write reaches the low byte's port only.
@@ -97,7 +101,7 @@ class Emulator:
     def set_irq(self, irq: int, level: int) -> None:
         """An ISA interrupt line from a device model, into the hypervisor's PIC."""
         if self.pic is not None:
-            with self.lock:
+            with self.pic_lock:
                 self.pic.set_irq(irq, level)
 
     def _single(self, ctx: VcpuContext, access: PortAccess) -> bytes | None:
@@ -107,8 +111,9 @@ class Emulator:
         bregs = _backdoor_regs(regs) if regs is not None else _NO_REGS
         value = int.from_bytes(access.data, "little") if access.is_write else 0
         cpl = ctx.cpl() if in_backdoor else 0
-        result = self.domain.pio(ctx.vcpu_id, access.port, access.size, access.is_write,
-                                 value, bregs, cpl)
+        with self.domain_lock:
+            result = self.domain.pio(ctx.vcpu_id, access.port, access.size, access.is_write,
+                                     value, bregs, cpl)
         if result.status is IoStatus.WAIT:
             result = self._wait(ctx.vcpu_id, result, bregs, f"port {access.port:#x}")
         if result.status is IoStatus.CRASHED:
@@ -133,8 +138,9 @@ class Emulator:
             off = i * access.size
             value = int.from_bytes(access.data[off:off + access.size], "little") \
                 if access.is_write else 0
-            result = self.domain.pio(ctx.vcpu_id, access.port, access.size, access.is_write,
-                                     value, _NO_REGS, 0, string=True)
+            with self.domain_lock:
+                result = self.domain.pio(ctx.vcpu_id, access.port, access.size,
+                                         access.is_write, value, _NO_REGS, 0, string=True)
             if result.status is IoStatus.WAIT:
                 result = self._wait(ctx.vcpu_id, result, _NO_REGS, f"port {access.port:#x}")
             if result.status is IoStatus.CRASHED:
@@ -150,7 +156,9 @@ class Emulator:
     def mmio(self, ctx: VcpuContext, access: MmioAccess) -> bytes | None:
         """An access to the MMIO hole: an ioreq server's MEMORY range, or the null handler."""
         value = int.from_bytes(access.data, "little") if access.is_write else 0
-        result = self.domain.mmio(ctx.vcpu_id, access.addr, access.size, access.is_write, value)
+        with self.domain_lock:
+            result = self.domain.mmio(ctx.vcpu_id, access.addr, access.size, access.is_write,
+                                      value)
         if result.status is IoStatus.WAIT:
             result = self._wait(ctx.vcpu_id, result, _NO_REGS,
                                 f"MMIO at {access.addr:#x}")

@@ -166,7 +166,7 @@ def run(config: RunConfig, clock: Clock | None = None) -> RunResult:
         # the hypervisor's own PIC model.
         kernel_irq = _irq_sink(vm)
         emulator = emulate.Emulator(domain, config.console, waiter,
-                                    pic=None if kernel_irq else Pic())
+                                    pic=None if kernel_irq else Pic(), domain_lock=lock)
         irq_sink = kernel_irq or emulator.set_irq
         if config.device_model:
             control = ControlServer(os.path.join(rundir, "control"), domain, lock, memory,
