@@ -29,12 +29,20 @@ from hvmport.abi.ioreq import (
 from hvmport.core.slots import Page
 
 SLOTS = IOREQ_BUFFER_SLOT_NUM
-# The pointers are shared with another process while it runs. CPython packs and unpacks
-# explicit-endian formats ("<I") byte by byte, so the other side could see a torn pointer;
-# native formats copy the whole aligned word at once (the ABI is x86-64, little-endian).
+# The pointers are shared with another process while it runs, so every access must be one
+# load or one store of the aligned word. CPython's struct unpacks explicit-endian formats
+# ("<I") byte by byte, and struct.pack_into zero-fills the field before writing the value
+# (the other side saw a write_pointer of 0 for an instant); so loads use native formats
+# (one copy of the word; the ABI is x86-64, little-endian) and the one store the
+# producer makes goes through a memoryview cast, which writes the word once.
 _PTRS = struct.Struct("II")
 _U64 = struct.Struct("Q")
 _U32 = struct.Struct("I")
+
+
+def store32(page: Page, offset: int, value: int) -> None:
+    """Store a u32 with a single write (no zero-fill first, unlike struct.pack_into)."""
+    memoryview(page).cast("B")[offset:offset + 4].cast("I")[0] = value & 0xFFFFFFFF
 SLOT_BASE = 8
 MAX_BUFFERED_ADDR = 0xFFFFF
 
@@ -104,7 +112,7 @@ class Producer:
             self._put(wp + 1, BufIoReq(ioreq_type, 0, code, addr, (data >> 32) & 0xFFFFFFFF))
         # Slots are written before the pointer that publishes them.
         self.wp = (wp + 1 + qw) & 0xFFFFFFFF
-        _U32.pack_into(self.page, 4, self.wp)
+        store32(self.page, 4, self.wp)
         if self.mode == HVM_IOREQSRV_BUFIOREQ_ATOMIC:
             self._canonicalise()
         return SendResult(Send.QUEUED)
