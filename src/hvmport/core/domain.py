@@ -148,10 +148,6 @@ class ServerInfo:
     bufioreq_gfn: int
 
 
-def _ones(size: int) -> int:
-    return slots.size_mask(size)
-
-
 class Domain:
     def __init__(
         self,
@@ -528,17 +524,17 @@ class Domain:
         self._check_idle(vcpu)
         if size not in (1, 2, 4) or not 0 <= port <= 0xFFFF:
             raise ValueError(f"impossible port access: port {port:#x} size {size}")
-        value &= _ones(size)
+        value &= slots.size_mask(size)
         if is_write and not string and size == 4 and port == PCI_CF8:
             self.pci_cf8 = value
         if self.vmware_port and not string and check_port(port, size):
             result = backdoor(port, regs, cpl, self.platform, self.clock)
             if result.outcome is Outcome.IGNORED:
                 return IoResult(IoStatus.DONE, Route.IGNORED,
-                                None if is_write else _ones(size))
+                                None if is_write else slots.size_mask(size))
             if result.outcome is Outcome.HANDLED:
                 return IoResult(IoStatus.DONE, Route.INTERNAL,
-                                None if is_write else result.in_value & _ones(size),
+                                None if is_write else result.in_value & slots.size_mask(size),
                                 regs=result.regs, command=result.command)
             return self._forward_vmport(vcpu, port, size, is_write, regs, result.command)
         server, rtype, addr = self.select_server(abi.IOREQ_TYPE_PIO, port, size)
@@ -547,7 +543,7 @@ class Domain:
                 return IoResult(IoStatus.DONE, Route.NULL)
             if string:
                 return IoResult(IoStatus.DONE, Route.NULL, buffer=b"\xff" * (size * count))
-            return IoResult(IoStatus.DONE, Route.NULL, _ones(size))
+            return IoResult(IoStatus.DONE, Route.NULL, slots.size_mask(size))
         req = abi.IoReq(addr=addr, size=size, count=count, type=rtype,
                         dir=abi.IOREQ_WRITE if is_write else abi.IOREQ_READ, df=df)
         if string and buffer_gpa is not None:
@@ -566,10 +562,10 @@ class Domain:
             raise ValueError(f"impossible MMIO size {size}")
         server, _, _ = self.select_server(abi.IOREQ_TYPE_COPY, addr, size, count, df)
         if server is None:
-            return IoResult(IoStatus.DONE, Route.NULL, None if is_write else _ones(size))
+            return IoResult(IoStatus.DONE, Route.NULL, None if is_write else slots.size_mask(size))
         req = abi.IoReq(addr=addr, size=size, count=count, type=abi.IOREQ_TYPE_COPY,
                         dir=abi.IOREQ_WRITE if is_write else abi.IOREQ_READ, df=df,
-                        data=value & _ones(size) if is_write else 0)
+                        data=value & slots.size_mask(size) if is_write else 0)
         return self._send(server, vcpu, req, (addr, size, is_write))
 
     def _forward_vmport(self, vcpu: int, port: int, size: int, is_write: bool,
@@ -577,7 +573,7 @@ class Domain:
         server, _, _ = self.select_server(abi.IOREQ_TYPE_VMWARE_PORT, port, size)
         page = server.pages.get(PageKind.VMPORT) if server is not None else None
         if server is None or page is None:
-            return IoResult(IoStatus.DONE, Route.NULL, None if is_write else _ones(size),
+            return IoResult(IoStatus.DONE, Route.NULL, None if is_write else slots.size_mask(size),
                             command=command)
         off = vcpu * abi.VMWARE_REGS_SIZE
         page.view[off:off + abi.VMWARE_REGS_SIZE] = abi.VmwareRegs(
@@ -631,7 +627,7 @@ class Domain:
             # Destroyed under the request: as if the emulator died.
             self.pending[vcpu] = None
             base.reason = "ioreq server destroyed while a request was in flight"
-            return self._finish(base, req, _ones(req.size), None)
+            return self._finish(base, req, slots.size_mask(req.size), None)
         polled = pending.waiter.poll(server.pages[PageKind.IOREQ].view)
         if polled.status is slots.Poll.PENDING:
             return IoResult(IoStatus.WAIT, Route.SERVER, server=server.id, ioreq_type=req.type)
@@ -665,7 +661,7 @@ class Domain:
                 (regs.rdi & ~MASK32 & MASK64) | vr.edi,
             )
         if req.dir == abi.IOREQ_READ and not req.data_is_ptr:
-            result.value = data & _ones(req.size)
+            result.value = data & slots.size_mask(req.size)
         return result
 
     def _check_idle(self, vcpu: int) -> None:

@@ -23,6 +23,7 @@ from typing import Protocol, TextIO
 from hvmport.abi import ioreq as abi
 from hvmport.core import bufring, slots
 from hvmport.dm.client import EventChannel
+from hvmport.hv import evtchn
 
 MASK32 = 0xFFFFFFFF
 
@@ -125,7 +126,7 @@ class IoreqLoop:
                         return
                 else:
                     # Just a wake-up; the slots say what to do.
-                    _drain(fd)
+                    evtchn.drain(fd)
             last = time.monotonic()
 
     # ------------------------------------------------------------------ requests
@@ -227,8 +228,3 @@ class IoreqLoop:
                                    int.from_bytes(mem[at:at + req.size], "little"))
         return None
 
-
-def _drain(fd: int) -> None:
-    from hvmport.hv import evtchn
-
-    evtchn.drain(fd)

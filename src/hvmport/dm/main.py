@@ -52,26 +52,18 @@ def _die_with_parent() -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
-def _port_range(text: str) -> tuple[int, int]:
-    try:
-        first, _, last = text.partition("-")
-        start, end = int(first, 0), int(last or first, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a port range: {text!r} (use A-B)") from None
-    if not 0 <= start <= end <= 0xFFFF:
-        raise argparse.ArgumentTypeError(f"bad port range {text!r}")
-    return start, end
-
-
-def _mmio_range(text: str) -> tuple[int, int]:
-    try:
-        first, _, last = text.partition("-")
-        start, end = int(first, 0), int(last or first, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an address range: {text!r} (use A-B)") from None
-    if not 0 <= start <= end < 1 << 64 or end - start >= MAX_SCRATCH:
-        raise argparse.ArgumentTypeError(f"bad MMIO range {text!r} (at most 64 KiB)")
-    return start, end
+def _range(kind: str, last_allowed: int) -> Callable[[str], tuple[int, int]]:
+    """An argparse type for "A-B" (or a single "A"), inclusive, at most 64 KiB long."""
+    def parse(text: str) -> tuple[int, int]:
+        try:
+            first, _, last = text.partition("-")
+            start, end = int(first, 0), int(last or first, 0)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a {kind} range: {text!r} (use A-B)") from None
+        if not 0 <= start <= end <= last_allowed or end - start >= MAX_SCRATCH:
+            raise argparse.ArgumentTypeError(f"bad {kind} range {text!r} (at most 64 KiB)")
+        return start, end
+    return parse
 
 
 def _prop(text: str) -> tuple[str, int]:
@@ -99,9 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a secondary server: HVM_IOREQSRV_DISABLE_VMPORT, no platform devices")
     p.add_argument("--qemu-type", action="store_true",
                    help="receive VMWARE_PORT requests as QEMU's type 3 (hvmport extension)")
-    p.add_argument("--ports", type=_port_range, action="append", default=[],
+    p.add_argument("--ports", type=_range("port", 0xFFFF), action="append", default=[],
                    help="claim this port range with scratch registers (repeatable)")
-    p.add_argument("--mmio", type=_mmio_range, action="append", default=[],
+    p.add_argument("--mmio", type=_range("MMIO", (1 << 64) - 1), action="append", default=[],
                    help="claim this guest-physical range (A-B) with scratch registers")
     p.add_argument("--vmport-prop", type=_prop, action="append", default=[],
                    metavar="NAME=VALUE", help="a QEMU vmport property, e.g. x-cmds-v2=off")

@@ -25,6 +25,7 @@ from hvmport.abi import control as ctl
 from hvmport.abi import dm_op as dmop
 from hvmport.core import dmop as ops
 from hvmport.core.domain import Domain
+from hvmport.hv import evtchn
 from hvmport.hv.evtchn import Channel
 from hvmport.hv.memory import GuestMemory
 from hvmport.hv.shmem import MemfdPages
@@ -195,8 +196,6 @@ class ControlServer:
             if port in server.vcpu_ports or (port and port == server.buf_port):
                 if server.emulator != peer.emulator:
                     return ctl.Reply(-errno.EPERM), []
-                chan = self.channels.get(port)
-                if chan is None:
-                    chan = self.channels[port] = Channel(port)
+                chan = evtchn.channel(self.channels, port)
                 return ctl.Reply(0, port), [chan.to_dm, chan.to_hv]
         return ctl.Reply(-errno.EINVAL), []

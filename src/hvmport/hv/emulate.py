@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import BinaryIO
 
 from hvmport.core.domain import Domain, IoResult, IoStatus
+from hvmport.core.slots import size_mask
 from hvmport.core.vmport import BackdoorRegs, apply_in
 from hvmport.cpu.base import MmioAccess, PortAccess, Regs, VcpuContext, VcpuStop
 from hvmport.hv.pic import PORTS as PIC_PORTS
@@ -128,8 +129,7 @@ class Emulator:
             ctx.set_regs(new)
         if access.is_write:
             return None
-        value_read = result.value if result.value is not None else (1 << (8 * access.size)) - 1
-        return value_read.to_bytes(access.size, "little")
+        return _read_bytes(result, access.size)
 
     def _string(self, ctx: VcpuContext, access: PortAccess) -> bytes | None:
         # Element by element: our backends hand over the data, not guest addresses.
@@ -149,8 +149,7 @@ class Emulator:
                 if result.buffer:
                     out += result.buffer
                 else:
-                    v = result.value if result.value is not None else (1 << (8 * access.size)) - 1
-                    out += v.to_bytes(access.size, "little")
+                    out += _read_bytes(result, access.size)
         return None if access.is_write else bytes(out)
 
     def mmio(self, ctx: VcpuContext, access: MmioAccess) -> bytes | None:
@@ -166,8 +165,7 @@ class Emulator:
             raise DomainCrashed(result.reason)
         if access.is_write:
             return None
-        read = result.value if result.value is not None else (1 << (8 * access.size)) - 1
-        return read.to_bytes(access.size, "little")
+        return _read_bytes(result, access.size)
 
     def _wait(self, vcpu: int, result: IoResult, regs: BackdoorRegs, what: str) -> IoResult:
         if self.waiter is None or result.notify is None:
@@ -178,3 +176,9 @@ class Emulator:
 
 
 _NO_REGS = BackdoorRegs(0, 0, 0, 0, 0, 0)
+
+
+def _read_bytes(result: IoResult, size: int) -> bytes:
+    """What a read returns: the value answered, or all ones when nobody answered."""
+    value = result.value if result.value is not None else size_mask(size)
+    return value.to_bytes(size, "little")

@@ -39,6 +39,14 @@ def wait(fd: int, timeout: float) -> bool:
     return False
 
 
+def channel(channels: dict[int, Channel], port: int) -> Channel:
+    """The channel for ``port``, made on first use (by whichever end needs it first)."""
+    chan = channels.get(port)
+    if chan is None:
+        chan = channels[port] = Channel(port)
+    return chan
+
+
 class Channel:
     __slots__ = ("port", "to_dm", "to_hv")
 

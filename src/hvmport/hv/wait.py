@@ -30,12 +30,6 @@ class DeviceModelWaiter:
         self.spin_s = spin_us / 1e6
         self.deadline_s = deadline_s
 
-    def channel(self, port: int) -> Channel:
-        chan = self.channels.get(port)
-        if chan is None:
-            chan = self.channels[port] = Channel(port)
-        return chan
-
     def wake_all(self) -> None:
         """Wake every waiting vCPU (the domain crashed, or the run is ending)."""
         for chan in list(self.channels.values()):
@@ -44,7 +38,7 @@ class DeviceModelWaiter:
 
     def __call__(self, vcpu: int, port: int, regs: BackdoorRegs, what: str) -> IoResult:
         with self.lock:
-            chan = self.channel(port)
+            chan = evtchn.channel(self.channels, port)
             pending = self.domain.pending[vcpu]
             server = self.domain.servers.get(pending.server_id) if pending else None
             page = server.pages[PageKind.IOREQ].view if server is not None else None
