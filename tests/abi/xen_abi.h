@@ -53,6 +53,7 @@ struct xen_dm_op_ioreq_server_range {
 struct xen_dm_op_set_ioreq_server_state { uint16_t id; uint8_t enabled; uint8_t pad; };
 struct xen_dm_op_destroy_ioreq_server { uint16_t id; uint16_t pad; };
 struct xen_dm_op_set_isa_irq_level { uint8_t isa_irq; uint8_t level; };
+struct xen_dm_op_remote_shutdown { uint32_t reason; };
 
 struct xen_dm_op {
     uint32_t op;
@@ -65,6 +66,7 @@ struct xen_dm_op {
         struct xen_dm_op_set_ioreq_server_state set_ioreq_server_state;
         struct xen_dm_op_destroy_ioreq_server destroy_ioreq_server;
         struct xen_dm_op_set_isa_irq_level set_isa_irq_level;
+        struct xen_dm_op_remote_shutdown remote_shutdown;
         /* Largest other 4.14 members (inject_event, relocate_memory) are 24 bytes. */
         uint8_t largest_member[24];
     } u;
@@ -119,9 +121,16 @@ struct xen_mem_acquire_resource {
 #define XEN_DMOP_set_ioreq_server_state 5
 #define XEN_DMOP_destroy_ioreq_server 6
 #define XEN_DMOP_set_isa_irq_level 9
+#define XEN_DMOP_remote_shutdown 12
 #define XEN_DMOP_map_mem_type_to_ioreq_server 15
 #define XEN_DMOP_set_irq_level 19
 #define XEN_DMOP_nr_vcpus 20
+#define SHUTDOWN_poweroff 0
+#define SHUTDOWN_reboot 1
+#define SHUTDOWN_suspend 2
+#define SHUTDOWN_crash 3
+#define SHUTDOWN_watchdog 4
+#define SHUTDOWN_MAX 4
 #define XEN_DMOP_no_gfns 1
 #define XEN_DMOP_IO_RANGE_PORT 0
 #define XEN_DMOP_IO_RANGE_MEMORY 1

@@ -33,8 +33,15 @@ CTL_BIND_EVTCHN = 5
 #: arg: none. Reply: value = number of vCPUs.
 CTL_NR_VCPUS = 6
 
+#: hvmport extensions, numbered apart from the libraries' calls above. Xen has no dm_op for
+#: these (its toolstack pauses a domain); QMP's stop and cont need them from the device model.
+#: arg: none. The vCPUs stop at their next exit; the reply does not wait for them.
+CTL_PAUSE = 0x100
+#: arg: none. Undoes CTL_PAUSE (pauses do not nest, as QMP's stop/cont do not).
+CTL_UNPAUSE = 0x101
+
 KINDS = {CTL_RESTRICT, CTL_DM_OP, CTL_MAP_RESOURCE, CTL_MAP_GUEST_MEMORY, CTL_BIND_EVTCHN,
-         CTL_NR_VCPUS}
+         CTL_NR_VCPUS, CTL_PAUSE, CTL_UNPAUSE}
 
 
 @dataclass(slots=True, frozen=True)

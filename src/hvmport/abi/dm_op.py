@@ -15,6 +15,7 @@ XEN_DMOP_unmap_io_range_from_ioreq_server = 4
 XEN_DMOP_set_ioreq_server_state = 5
 XEN_DMOP_destroy_ioreq_server = 6
 XEN_DMOP_set_isa_irq_level = 9
+XEN_DMOP_remote_shutdown = 12
 XEN_DMOP_map_mem_type_to_ioreq_server = 15
 XEN_DMOP_set_irq_level = 19
 XEN_DMOP_nr_vcpus = 20
@@ -26,6 +27,14 @@ XEN_DMOP_IO_RANGE_MEMORY = 1
 XEN_DMOP_IO_RANGE_PCI = 2
 XEN_DMOP_IO_RANGE_TIMEOFFSET = 7
 XEN_DMOP_IO_RANGE_VMWARE_PORT = 9
+
+# sched.h: the reasons of SCHEDOP_shutdown, which XEN_DMOP_remote_shutdown carries.
+SHUTDOWN_poweroff = 0
+SHUTDOWN_reboot = 1
+SHUTDOWN_suspend = 2
+SHUTDOWN_crash = 3
+SHUTDOWN_watchdog = 4
+SHUTDOWN_MAX = 4
 
 HVM_IOREQSRV_BUFIOREQ_OFF = 0
 HVM_IOREQSRV_BUFIOREQ_LEGACY = 1
@@ -87,6 +96,9 @@ DESTROY_IOREQ_SERVER_LAYOUT = StructLayout(
     "xen_dm_op_destroy_ioreq_server", 4,
     (Field("id", 0, 2), Field("pad", 2, 2)),
 )
+REMOTE_SHUTDOWN_LAYOUT = StructLayout(
+    "xen_dm_op_remote_shutdown", 4, (Field("reason", 0, 4),),
+)
 SET_ISA_IRQ_LEVEL_LAYOUT = StructLayout(
     "xen_dm_op_set_isa_irq_level", 2,
     (Field("isa_irq", 0, 1), Field("level", 1, 1)),
@@ -110,6 +122,7 @@ LAYOUTS = (
     SET_IOREQ_SERVER_STATE_LAYOUT,
     DESTROY_IOREQ_SERVER_LAYOUT,
     SET_ISA_IRQ_LEVEL_LAYOUT,
+    REMOTE_SHUTDOWN_LAYOUT,
     XEN_DM_OP_LAYOUT,
     XEN_MEM_ACQUIRE_RESOURCE_LAYOUT,
 )
@@ -121,6 +134,7 @@ RANGE = struct.Struct("<HHIQQ")
 SET_STATE = struct.Struct("<HBB")
 DESTROY = struct.Struct("<HH")
 ISA_IRQ = struct.Struct("<BB")
+REMOTE_SHUTDOWN = struct.Struct("<I")
 HEADER = struct.Struct("<II")
 
 

@@ -20,11 +20,21 @@ class IrqLevel:
     level: int
 
 
+@dataclass(slots=True, frozen=True)
+class Shutdown:
+    """XEN_DMOP_remote_shutdown: the domain is to shut down for ``reason`` (SHUTDOWN_*)."""
+
+    reason: int
+
+
+Effect = IrqLevel | Shutdown
+
+
 @dataclass(slots=True)
 class DmOpResult:
     rc: int
     out: bytes
-    effects: list[IrqLevel] = field(default_factory=list)
+    effects: list[Effect] = field(default_factory=list)
 
 
 #: Size of each supported op's union member; an op number absent here is -EOPNOTSUPP.
@@ -36,6 +46,7 @@ MEMBER_SIZES = {
     abi.XEN_DMOP_set_ioreq_server_state: abi.SET_STATE.size,
     abi.XEN_DMOP_destroy_ioreq_server: abi.DESTROY.size,
     abi.XEN_DMOP_set_isa_irq_level: abi.ISA_IRQ.size,
+    abi.XEN_DMOP_remote_shutdown: abi.REMOTE_SHUTDOWN.size,
 }
 
 U = abi.XEN_DM_OP_UNION_OFFSET
@@ -58,7 +69,7 @@ def apply(domain: Domain, caller: int, buf: bytes) -> DmOpResult:
     return DmOpResult(rc[0], bytes(out), rc[1])
 
 
-def _dispatch(domain: Domain, caller: int, op: int, out: bytearray) -> tuple[int, list[IrqLevel]]:
+def _dispatch(domain: Domain, caller: int, op: int, out: bytearray) -> tuple[int, list[Effect]]:
     if op == abi.XEN_DMOP_create_ioreq_server:
         flags, pad, _ = abi.CREATE.unpack_from(out, U)
         if any(pad):
@@ -94,6 +105,14 @@ def _dispatch(domain: Domain, caller: int, op: int, out: bytearray) -> tuple[int
         if pad16:
             return -errno.EINVAL, []
         return domain.destroy_server(caller, sid), []
+    if op == abi.XEN_DMOP_remote_shutdown:
+        (reason,) = abi.REMOTE_SHUTDOWN.unpack_from(out, U)
+        # A crashed domain stays crashed: its first reason is the one that counts.
+        if reason > abi.SHUTDOWN_MAX:
+            return -errno.EINVAL, []
+        if domain.crashed:
+            return 0, []
+        return 0, [Shutdown(reason)]
     irq, level = abi.ISA_IRQ.unpack_from(out, U)
     rc = domain.set_isa_irq_level(irq, level)
     return rc, [IrqLevel(irq, level)] if rc == 0 else []
@@ -126,6 +145,10 @@ def set_ioreq_server_state(sid: int, enabled: bool) -> bytes:
 
 def destroy_ioreq_server(sid: int) -> bytes:
     return abi.encode(abi.XEN_DMOP_destroy_ioreq_server, abi.DESTROY.pack(sid, 0))
+
+
+def remote_shutdown(reason: int) -> bytes:
+    return abi.encode(abi.XEN_DMOP_remote_shutdown, abi.REMOTE_SHUTDOWN.pack(reason))
 
 
 def set_isa_irq_level(irq: int, level: int) -> bytes:

@@ -127,6 +127,21 @@ class DeviceModel:
     def set_isa_irq_level(self, domid: int, irq: int, level: int) -> None:
         self._op("set_isa_irq_level", domid, ops.set_isa_irq_level(irq, level))
 
+    def remote_shutdown(self, domid: int, reason: int) -> None:
+        """xendevicemodel_shutdown: ask for the domain to shut down (SHUTDOWN_* reason)."""
+        self._op("remote_shutdown", domid, ops.remote_shutdown(reason))
+
+    def pause(self, domid: int) -> None:
+        """hvmport extension (QMP stop): the vCPUs stop at their next exit."""
+        reply, _ = self._call(ctl.CTL_PAUSE, domid)
+        if reply.rc:
+            raise DmOpError("pause", -reply.rc)
+
+    def unpause(self, domid: int) -> None:
+        reply, _ = self._call(ctl.CTL_UNPAUSE, domid)
+        if reply.rc:
+            raise DmOpError("unpause", -reply.rc)
+
     def dm_op(self, domid: int, buf: bytes) -> tuple[int, bytes]:
         """Raw access: the rc and the bytes the hypervisor wrote back."""
         reply, _ = self._call(ctl.CTL_DM_OP, domid, payload=buf)

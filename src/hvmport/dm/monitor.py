@@ -8,7 +8,8 @@ doubled to 0..0xFFFE there), and PS/2 mouse motion otherwise.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from hvmport import __version__
 from hvmport.dm.devices.i8042 import I8042
@@ -21,13 +22,33 @@ WHEEL = {"wheel-up": -1, "wheel-down": 1}
 MAX_EVENTS = 1024
 
 
+class Machine(Protocol):
+    """The domain as the device model may drive it (pause, power)."""
+
+    def pause(self) -> None: ...
+
+    def unpause(self) -> None: ...
+
+    def power_off(self) -> None: ...
+
+
+#: Sends a QMP event (name, data) to every negotiated client.
+Emit = Callable[[str, "Json | None"], None]
+
+
 class Monitor:
-    def __init__(self, vmmouse: Vmmouse | None, i8042: I8042 | None) -> None:
+    def __init__(self, vmmouse: Vmmouse | None, i8042: I8042 | None,
+                 machine: Machine | None = None, emit: Emit | None = None) -> None:
         self.vmmouse = vmmouse
         self.i8042 = i8042
+        self.machine = machine
+        self.emit: Emit = emit or (lambda name, data: None)
         self.x = 0
         self.y = 0
         self.buttons = 0
+        self.running = True
+        #: Set once the domain is shutting down (the device model leaves after replying).
+        self.shutting_down = False
 
     def commands(self) -> dict[str, Handler]:
         return {
@@ -35,6 +56,10 @@ class Monitor:
             "query-status": self.query_status,
             "query-mice": self.query_mice,
             "input-send-event": self.input_send_event,
+            "stop": self.stop,
+            "cont": self.cont,
+            "system_powerdown": self.system_powerdown,
+            "quit": self.quit,
         }
 
     def query_version(self, args: Json) -> Json:
@@ -43,7 +68,55 @@ class Monitor:
 
     def query_status(self, args: Json) -> Json:
         check_args(args, {})
-        return {"status": "running", "singlestep": False, "running": True}
+        status = ("shutdown" if self.shutting_down
+                  else "running" if self.running else "paused")
+        return {"status": status, "singlestep": False, "running": self.running}
+
+    def _machine(self) -> Machine:
+        if self.machine is None:
+            raise QmpError("this device model cannot control the domain")
+        if self.shutting_down:
+            raise QmpError("the domain is shutting down")
+        return self.machine
+
+    def stop(self, args: Json) -> None:
+        check_args(args, {})
+        machine = self._machine()
+        if self.running:
+            machine.pause()
+            self.running = False
+            self.emit("STOP", None)
+
+    def cont(self, args: Json) -> None:
+        check_args(args, {})
+        machine = self._machine()
+        if not self.running:
+            machine.unpause()
+            self.running = True
+            self.emit("RESUME", None)
+
+    def system_powerdown(self, args: Json) -> None:
+        """There is no ACPI here to tell the guest, so the domain powers off at once, as a
+        guest that obeys the power button would."""
+        check_args(args, {})
+        machine = self._machine()
+        self.emit("POWERDOWN", None)
+        self._shutdown(machine, guest=True, reason="guest-shutdown")
+
+    def quit(self, args: Json) -> None:
+        check_args(args, {})
+        self._shutdown(self._machine(), guest=False, reason="host-qmp-quit")
+
+    def _shutdown(self, machine: Machine, *, guest: bool, reason: str) -> None:
+        self.shutting_down = True
+        self.emit("SHUTDOWN", {"guest": guest, "reason": reason})
+        machine.power_off()
+
+    def domain_gone(self) -> None:
+        """The hypervisor ended the domain (the guest powered off, or it crashed)."""
+        if not self.shutting_down:
+            self.shutting_down = True
+            self.emit("SHUTDOWN", {"guest": True, "reason": "guest-shutdown"})
 
     def query_mice(self, args: Json) -> list[Json]:
         check_args(args, {})

@@ -20,6 +20,7 @@ import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from hvmport.abi import control as ctl
 from hvmport.abi import dm_op as dmop
@@ -31,6 +32,16 @@ from hvmport.hv.memory import GuestMemory
 from hvmport.hv.shmem import MemfdPages
 
 IrqSink = Callable[[int, int], None]
+
+
+class Lifecycle(Protocol):
+    """What the device models may ask of the domain as a whole (hvmport's run provides it)."""
+
+    def pause(self) -> None: ...
+
+    def unpause(self) -> None: ...
+
+    def shutdown(self, reason: int, who: str) -> None: ...
 
 
 @dataclass(slots=True)
@@ -45,8 +56,10 @@ class ControlServer:
     def __init__(self, path: str, domain: Domain, lock: threading.Lock, memory: GuestMemory,
                  pages: MemfdPages, channels: dict[int, Channel],
                  irq: IrqSink | None = None,
-                 describe_peer: Callable[[int], str] | None = None) -> None:
+                 describe_peer: Callable[[int], str] | None = None,
+                 lifecycle: Lifecycle | None = None) -> None:
         self.path = path
+        self.lifecycle = lifecycle
         self.domain = domain
         self.lock = lock
         self.memory = memory
@@ -144,11 +157,14 @@ class ControlServer:
             owned = [sid for sid, s in self.domain.servers.items() if s.emulator == peer.emulator]
         if not owned:
             return
-        who = (self.describe_peer(peer.pid) if self.describe_peer is not None
-               else f"device model (pid {peer.pid})")
+        who = self._who(peer)
         with self.lock:
             self.domain.crash(f"{who}; it closed its control connection while it owned "
                               f"ioreq server(s) {', '.join(map(str, owned))}")
+
+    def _who(self, peer: Peer) -> str:
+        return (self.describe_peer(peer.pid) if self.describe_peer is not None
+                else f"device model (pid {peer.pid})")
 
     # ------------------------------------------------------------------ requests
 
@@ -166,9 +182,21 @@ class ControlServer:
         if req.kind == ctl.CTL_DM_OP:
             result = ops.apply(self.domain, peer.emulator, req.payload)
             for effect in result.effects:
-                if self.irq is not None:
+                if isinstance(effect, ops.Shutdown):
+                    if self.lifecycle is not None:
+                        self.lifecycle.shutdown(effect.reason,
+                                                f"device model (pid {peer.pid})")
+                elif self.irq is not None:
                     self.irq(effect.irq, effect.level)
             return ctl.Reply(result.rc, payload=result.out), []
+        if req.kind in (ctl.CTL_PAUSE, ctl.CTL_UNPAUSE):
+            if self.lifecycle is None:
+                return ctl.Reply(-errno.EOPNOTSUPP), []
+            if req.kind == ctl.CTL_PAUSE:
+                self.lifecycle.pause()
+            else:
+                self.lifecycle.unpause()
+            return ctl.Reply(0), []
         if req.kind == ctl.CTL_NR_VCPUS:
             return ctl.Reply(0, self.domain.nr_vcpus), []
         if req.kind == ctl.CTL_MAP_GUEST_MEMORY:

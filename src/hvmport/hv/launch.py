@@ -24,7 +24,8 @@ DEFAULT_PROGRAM = (sys.executable, "-m", "hvmport.dm")
 class DeviceModelProcess:
     def __init__(self, control_path: str, domid: int, args: Sequence[str] = (),
                  ready_timeout: float = 30.0, name: str = "device model",
-                 program: Sequence[str] | None = None) -> None:
+                 program: Sequence[str] | None = None,
+                 pass_fds: Sequence[int] = ()) -> None:
         self.name = name
         read_fd, write_fd = os.pipe()
         # Any program that speaks the control protocol can be the device model; it gets
@@ -32,7 +33,8 @@ class DeviceModelProcess:
         cmd = [*(program or DEFAULT_PROGRAM), "--control", control_path,
                "--domid", str(domid), "--ready-fd", str(write_fd), *args]
         try:
-            self.proc = subprocess.Popen(cmd, pass_fds=(write_fd,), stdin=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(cmd, pass_fds=(write_fd, *pass_fds),
+                                         stdin=subprocess.DEVNULL)
         finally:
             os.close(write_fd)
         try:

@@ -31,12 +31,15 @@ from hvmport.hv import emulate
 from hvmport.hv.control import ControlServer
 from hvmport.hv.evtchn import Channel
 from hvmport.hv.launch import DeviceModelProcess
+from hvmport.hv.lifecycle import Ending, EndRequest, Lifecycle
 from hvmport.hv.memory import GuestMemory, check_memory_mib
 from hvmport.hv.pic import Pic
 from hvmport.hv.shmem import MemfdPages
 from hvmport.hv.wait import DeviceModelWaiter
 
 MAX_VCPUS = 128
+#: The toolstack destroyed the domain (even, like the other statuses of a run).
+STATUS_DESTROYED = 10
 
 
 class SystemClock:
@@ -83,6 +86,14 @@ class RunConfig:
     dm_program: list[str] | None = None
     #: Where one-line notes go as they happen (which backend was picked, ...).
     note: Callable[[str], None] = field(default=lambda text: None)
+    #: Pause, unpause, shutdown and destroy from other threads; also starts it paused.
+    lifecycle: Lifecycle | None = None
+    #: Where the control socket goes (default: a private temporary directory).
+    control_path: str | None = None
+    #: Descriptors every device model inherits (named in its arguments, e.g. --serial fd:N).
+    dm_pass_fds: tuple[int, ...] = ()
+    #: Called with the device models' pids once they are ready.
+    on_started: Callable[[list[int]], None] = field(default=lambda pids: None)
 
 
 @dataclass(slots=True)
@@ -90,6 +101,7 @@ class RunResult:
     status: int
     reason: str
     backend: str
+    ending: Ending = Ending.POWEROFF
 
 
 def validate(config: RunConfig) -> None:
@@ -132,7 +144,8 @@ def run(config: RunConfig, clock: Clock | None = None) -> RunResult:
     config.note(f"backend: {picked}")
     from hvmport.hv import loader
 
-    events: queue.Queue[tuple[int, Exit | BaseException]] = queue.Queue()
+    events: queue.Queue[Event] = queue.Queue()
+    lifecycle = config.lifecycle or Lifecycle()
     with GuestMemory(config.memory_mib) as memory, _run_dir() as rundir, \
             contextlib.ExitStack() as stack:
         start = _load(config, memory)
@@ -169,25 +182,27 @@ def run(config: RunConfig, clock: Clock | None = None) -> RunResult:
                                     pic=None if kernel_irq else Pic(), domain_lock=lock)
         irq_sink = kernel_irq or emulator.set_irq
         if config.device_model:
-            control = ControlServer(os.path.join(rundir, "control"), domain, lock, memory,
-                                    pages, channels, irq=irq_sink,
-                                    describe_peer=lambda pid: _describe(dms, pid))
+            control = ControlServer(config.control_path or os.path.join(rundir, "control"),
+                                    domain, lock, memory, pages, channels, irq=irq_sink,
+                                    describe_peer=lambda pid: _describe(dms, pid),
+                                    lifecycle=lifecycle)
             control.start()
             stack.callback(_stop_all, dms)
             stack.callback(control.close)
             for i, args in enumerate(config.dm_args):
                 program = config.dm_program if i == 0 else None
                 dms.append(DeviceModelProcess(control.path, config.domid, args,
-                                              program=program))
+                                              program=program, pass_fds=config.dm_pass_fds))
+            config.on_started([dm.pid for dm in dms])
         runnable = range(config.vcpus) if config.smp_entry else range(1)
         vcpus = [vm.create_vcpu(i, loader.for_vcpu(start, i, config.vcpus) if config.smp_entry
                                     else start)
                  for i in range(config.vcpus)]
         for v in vcpus:
             stack.callback(v.close)
-        status, reason = _drive([vcpus[i] for i in runnable], emulator, config.timeout,
-                                events)
-    return RunResult(status, reason, backend.name)
+        status, reason, ending = _drive([vcpus[i] for i in runnable], emulator,
+                                        config.timeout, events, lifecycle)
+    return RunResult(status, reason, backend.name, ending)
 
 
 def _irq_sink(vm: Vm) -> Callable[[int, int], None] | None:
@@ -214,53 +229,84 @@ def _describe(dms: list[DeviceModelProcess], pid: int) -> str:
     return f"device model (pid {pid})"
 
 
+Event = tuple[int, Exit | BaseException | EndRequest]
+
+
 def _drive(vcpus: list[Vcpu], emulator: emulate.Emulator, timeout: float | None,
-           exits: queue.Queue[tuple[int, Exit | BaseException]]) -> tuple[int, str]:
+           exits: queue.Queue[Event], lifecycle: Lifecycle) -> tuple[int, str, Ending]:
 
     def body(v: Vcpu) -> None:
         try:
-            exits.put((v.vcpu_id, v.run(emulator)))
+            while lifecycle.wait_while_paused():
+                ex = v.run(emulator)
+                # Only a pause or the end of the run kicks a vCPU; a pause parks it above.
+                if ex.kind is not ExitKind.KICKED:
+                    exits.put((v.vcpu_id, ex))
+                    return
         except BaseException as e:  # a host bug: report it, never hang the run
             exits.put((v.vcpu_id, e))
+
+    def kick_all() -> None:
+        for v in vcpus:
+            v.kick()
 
     threads = [threading.Thread(target=body, args=(v,), name=f"vcpu{v.vcpu_id}", daemon=True)
                for v in vcpus]
     for t in threads:
         t.start()
+    lifecycle.attach(kick_all, lambda request: exits.put((-1, request)))
     deadline = None if timeout is None else time.monotonic() + timeout
     halted = 0
-    outcome: tuple[int, str] | None = None
+    outcome: tuple[int, str, Ending] | None = None
     error: BaseException | None = None
     while outcome is None:
         wait = None if deadline is None else max(0.0, deadline - time.monotonic())
         try:
             vcpu_id, ex = exits.get(timeout=wait)
         except queue.Empty:
-            outcome = (emulate.STATUS_TIMEOUT, f"timeout after {timeout:g} s")
+            outcome = (emulate.STATUS_TIMEOUT, f"timeout after {timeout:g} s", Ending.TIMEOUT)
             break
-        if isinstance(ex, BaseException):
+        if isinstance(ex, EndRequest):
+            outcome = (_END_STATUS[ex.ending], ex.reason, ex.ending)
+        elif isinstance(ex, BaseException):
             error = ex
-            outcome = (emulate.STATUS_HOST_ERROR, f"vCPU {vcpu_id}: host error: {ex!r}")
+            outcome = (emulate.STATUS_HOST_ERROR, f"vCPU {vcpu_id}: host error: {ex!r}",
+                       Ending.HOST_ERROR)
         elif ex.kind is ExitKind.HALTED:
             halted += 1
             if halted == len(vcpus):
-                outcome = (emulate.STATUS_HALTED, ex.reason or "guest halted")
+                outcome = (emulate.STATUS_HALTED, ex.reason or "guest halted", Ending.POWEROFF)
         else:
             outcome = _classify(vcpu_id, ex)
-    for v in vcpus:
-        v.kick()
+    lifecycle.finishing()
+    kick_all()
     for t in threads:
         t.join(timeout=10)
+    lifecycle.detach()
     if error is not None:
         raise error
     return outcome
 
 
-def _classify(vcpu_id: int, ex: Exit) -> tuple[int, str]:
+_END_STATUS = {
+    Ending.POWEROFF: emulate.STATUS_HALTED,
+    Ending.REBOOT: emulate.STATUS_HALTED,
+    Ending.CRASH: emulate.STATUS_DOMAIN_CRASHED,
+    Ending.DESTROY: STATUS_DESTROYED,
+    Ending.TIMEOUT: emulate.STATUS_TIMEOUT,
+    Ending.HOST_ERROR: emulate.STATUS_HOST_ERROR,
+}
+
+
+def _classify(vcpu_id: int, ex: Exit) -> tuple[int, str, Ending]:
     if ex.kind is ExitKind.STOPPED:
-        return ex.status, ex.reason or f"stopped with status {ex.status}"
+        # isa-debug-exit (odd statuses) is the test guests' power switch.
+        ending = Ending.POWEROFF if ex.status & 1 or ex.status == 0 else Ending.CRASH
+        if ex.status == emulate.STATUS_TIMEOUT:
+            ending = Ending.TIMEOUT
+        return ex.status, ex.reason or f"stopped with status {ex.status}", ending
     if ex.kind is ExitKind.SHUTDOWN:
-        return emulate.STATUS_GUEST_FAULT, f"vCPU {vcpu_id}: {ex.reason or 'triple fault'}"
-    if ex.kind is ExitKind.KICKED:
-        return emulate.STATUS_HOST_ERROR, f"vCPU {vcpu_id} stopped unexpectedly"
-    return emulate.STATUS_GUEST_FAULT, f"vCPU {vcpu_id}: {ex.reason or 'backend error'}"
+        return (emulate.STATUS_GUEST_FAULT, f"vCPU {vcpu_id}: {ex.reason or 'triple fault'}",
+                Ending.CRASH)
+    return (emulate.STATUS_GUEST_FAULT, f"vCPU {vcpu_id}: {ex.reason or 'backend error'}",
+            Ending.CRASH)
