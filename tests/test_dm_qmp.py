@@ -215,3 +215,54 @@ def test_client_limit_and_server_survives(served: tuple[str, QmpServer]) -> None
     reply = qmp.cmd("query-status")
     assert reply["running"] is True, reply  # type: ignore[index]
     qmp.close()
+
+
+class RecordingMachine:
+    """The domain as the monitor drives it; records what it was asked, in order."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def pause(self) -> None:
+        self.calls.append("pause")
+
+    def unpause(self) -> None:
+        self.calls.append("unpause")
+
+    def power_off(self) -> None:
+        self.calls.append("power_off")
+
+
+def test_stop_cont_quit_drive_the_domain_and_emit_events_in_order() -> None:
+    machine = RecordingMachine()
+    events: list[tuple[str, object]] = []
+    mon = Monitor(None, None, machine=machine, emit=lambda n, d: events.append((n, d)))
+    s = QmpSession(mon.commands())
+    s.receive(b'{"execute": "qmp_capabilities"}')
+
+    def run(cmd: str) -> dict[str, object]:
+        (reply,) = replies(s.receive(json.dumps({"execute": cmd}).encode()))
+        return reply
+
+    assert run("stop") == {"return": {}}
+    assert run("stop") == {"return": {}}  # already stopped: no second pause, no event
+    assert run("query-status")["return"] == {"status": "paused", "singlestep": False,
+                                             "running": False}
+    assert run("cont") == {"return": {}}
+    assert run("quit") == {"return": {}}
+    # The power-off waits until the reply is on its way: it ends the device model.
+    assert machine.calls == ["pause", "unpause"]
+    mon.run_deferred()
+    assert machine.calls == ["pause", "unpause", "power_off"]
+    assert [e[0] for e in events] == ["STOP", "RESUME", "SHUTDOWN"]
+    assert events[-1][1] == {"guest": False, "reason": "host-qmp-quit"}
+    assert run("query-status")["return"]["status"] == "shutdown"  # type: ignore[index]
+    assert run("cont")["error"]["class"] == "GenericError"  # type: ignore[index]
+
+
+def test_without_a_machine_stop_is_a_clear_error() -> None:
+    s = QmpSession(Monitor(None, None).commands())
+    s.receive(b'{"execute": "qmp_capabilities"}')
+    (reply,) = replies(s.receive(b'{"execute": "stop"}'))
+    assert reply["error"] == {"class": "GenericError",
+                              "desc": "this device model cannot control the domain"}

@@ -528,3 +528,28 @@ def test_for_vcpu_rejects(mem: GuestMemory, vcpu_id: int, count: int | None) -> 
     state = loader.load_flat(CODE, mem, 0x100000, Mode.PROT32)
     with pytest.raises(ValueError):
         loader.for_vcpu(state, vcpu_id, count)
+
+
+def test_multiboot_ramdisk_is_one_page_aligned_module_after_the_kernel(
+        mem: GuestMemory, tmp_path: Path) -> None:
+    rd = tmp_path / "initrd.img"
+    rd.write_bytes(bytes(range(256)) * 20)
+    state = loader.load_multiboot(write(tmp_path, simple_kernel()), mem, module=rd)
+    info = mem.read(state.regs.rbx, 88)
+    mods_count, mods_addr = struct.unpack_from("<II", info, 20)
+    assert mods_count == 1
+    start, end, string, reserved = struct.unpack("<IIII", mem.read(mods_addr, 16))
+    assert start % 4096 == 0 and start >= 0x100000 + 0x2000  # after the kernel's last byte
+    assert end - start == 5120 and reserved == 0
+    assert mem.read(start, end - start) == rd.read_bytes()
+    assert mem.read(string, 11) == b"initrd.img\0"
+
+
+def test_multiboot_ramdisk_that_does_not_fit_is_refused(tmp_path: Path) -> None:
+    rd = tmp_path / "big.img"
+    rd.write_bytes(bytes(3 * MIB))
+    with GuestMemory(2) as small, pytest.raises(ConfigError, match="does not fit"):
+        loader.load_multiboot(write(tmp_path, simple_kernel()), small, module=rd)
+    with GuestMemory(2) as small, pytest.raises(ConfigError, match="cannot read ramdisk"):
+        loader.load_multiboot(write(tmp_path, simple_kernel()), small,
+                              module=tmp_path / "missing")

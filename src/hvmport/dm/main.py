@@ -16,8 +16,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import errno
 import os
 import signal
+import socket
 import sys
 from collections.abc import Callable, Sequence
 from typing import BinaryIO
@@ -35,6 +37,8 @@ from hvmport.dm.devices.vmmouse import Vmmouse
 from hvmport.dm.devices.vmport import Vmport, VmportProperties, VmportRegs
 from hvmport.dm.ioreq_loop import IoreqLoop
 from hvmport.dm.monitor import Monitor
+from hvmport.dm.qmp import Json
+from hvmport.dm.qmp import event as qmp_event
 from hvmport.dm.qmp_server import QmpServer
 from hvmport.errors import ConfigError, HvmportError
 
@@ -45,6 +49,8 @@ BUFIOREQ = {"off": dmop.HVM_IOREQSRV_BUFIOREQ_OFF,
 I8042_PORTS = ((0x60, 0x60), (0x64, 0x64))
 COM1 = (0x3F8, 0x3FF)
 COM1_IRQ = 4
+#: Console input is read from the host only while the UART holds fewer bytes than this.
+CONSOLE_RX_ROOM = 256
 
 
 def _die_with_parent() -> None:
@@ -81,6 +87,22 @@ def _prop(text: str) -> tuple[str, int]:
         raise argparse.ArgumentTypeError(f"{name}: not a number or on/off: {value!r}") from None
 
 
+def _machine(text: str) -> dict[str, str]:
+    """``xenfv,vmport=on``: a machine type (ignored: there is one) and its options."""
+    options: dict[str, str] = {}
+    for i, part in enumerate(text.split(",")):
+        name, eq, value = part.partition("=")
+        if not eq:
+            if i == 0:
+                continue
+            raise argparse.ArgumentTypeError(f"machine option {part!r}: expected NAME=VALUE")
+        if name != "vmport" or value not in ("on", "off", "auto"):
+            raise argparse.ArgumentTypeError(f"unsupported machine option {part!r} "
+                                             "(vmport=on|off|auto)")
+        options[name] = value
+    return options
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hvmport-dm", description=__doc__.split("\n\n")[0])
     p.add_argument("--control", required=True, help="the hypervisor's control socket")
@@ -99,8 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="NAME=VALUE", help="a QEMU vmport property, e.g. x-cmds-v2=off")
     p.add_argument("--uuid", default="00000000-0000-0000-0000-000000000000",
                    help="machine UUID for GETBIOSUUID")
-    p.add_argument("--serial", default="-", metavar="-|none|FILE",
-                   help="where the UART's output goes (default: stdout)")
+    p.add_argument("--serial", default="-", metavar="-|none|FILE|fd:N",
+                   help="where the UART's output goes (default: stdout); fd:N is an "
+                   "inherited stream socket that also carries the console's input")
+    p.add_argument("--machine", type=_machine, default={},
+                   metavar="TYPE[,vmport=on|off]",
+                   help="machine options as libxl passes them to QEMU; vmport=off leaves "
+                   "the VMware port (and vmmouse) to nobody")
     p.add_argument("--qmp", metavar="PATH", help="serve QMP on this Unix socket")
     p.add_argument("--spin-us", type=float, default=100.0,
                    help="spin on the slots this long after work before blocking")
@@ -120,7 +147,18 @@ class DeviceModelProcess:
         self.vmmouse: Vmmouse | None = None
         self.i8042: I8042 | None = None
         self._irq_levels: dict[int, int] = {}
-        self._serial = self._open_serial(args.serial)
+        self.uart: Uart16550 | None = None
+        self.monitor: Monitor | None = None
+        self.qmp: QmpServer | None = None
+        #: A console stream socket (--serial fd:N): output and input both go through it.
+        self._console: socket.socket | None = None
+        self._serial: BinaryIO | None = None
+        if args.serial.startswith("fd:"):
+            self._console = _console_socket(args.serial)
+        else:
+            self._serial = self._open_serial(args.serial)
+        self.serve_vmport = (not args.disable_vmport
+                             and args.machine.get("vmport", "on") != "off")
 
     # ------------------------------------------------------------------ devices
 
@@ -135,6 +173,35 @@ class DeviceModelProcess:
     def _serial_out(self, data: bytes) -> None:
         if self._serial is not None:
             self._serial.write(data)
+        elif self._console is not None:
+            # A serial line with nobody listening loses bytes; the guest never waits.
+            with contextlib.suppress(BlockingIOError, InterruptedError):
+                self._console.send(data)
+
+    def _console_watch(self) -> dict[int, Callable[[], bool]]:
+        # Read host input only while the UART has room, so that nothing typed is lost.
+        if (self._console is None or self.uart is None
+                or self.uart.rx_pending >= CONSOLE_RX_ROOM):
+            return {}
+        return {self._console.fileno(): self._console_input}
+
+    def _console_input(self) -> bool:
+        assert self._console is not None and self.uart is not None
+        try:
+            data = self._console.recv(CONSOLE_RX_ROOM - self.uart.rx_pending)
+        except BlockingIOError:
+            return True
+        except OSError as e:
+            if e.errno != errno.ECONNRESET:
+                raise
+            data = b""
+        if not data:
+            # The toolstack went away: no console any more, the guest runs on.
+            self._console.close()
+            self._console = None
+            return True
+        self.uart.feed(data)
+        return True
 
     def set_irq(self, line: int, level: int) -> None:
         if self._irq_levels.get(line) != level:
@@ -151,12 +218,15 @@ class DeviceModelProcess:
                 ranges.append((first, last))
             self.bus.register(*COM1, uart, "uart")
             ranges.append(COM1)
+            self.uart = uart
+            self.i8042 = i8042
+        if self.serve_vmport:
+            assert self.i8042 is not None
             props = VmportProperties.from_qemu(
                 dict(self.args.vmport_prop), ram_size=ram_size,
                 uuid=_uuid_bytes(self.args.uuid))
             self.vmport = Vmport(props)
-            self.vmmouse = Vmmouse(self.vmport, i8042.fake_aux_movement)
-            self.i8042 = i8042
+            self.vmmouse = Vmmouse(self.vmport, self.i8042.fake_aux_movement)
         for first, last in self.args.ports:
             self.bus.register(first, last, ScratchRegisters(first, last), "scratch")
             ranges.append((first, last))
@@ -176,7 +246,7 @@ class DeviceModelProcess:
     def start(self) -> IoreqLoop:
         c, domid, args = self.client, self.domid, self.args
         flags = BUFIOREQ[args.bufioreq]
-        if args.disable_vmport:
+        if not self.serve_vmport:
             flags |= dmop.HVM_IOREQSRV_DISABLE_VMPORT
         if args.qemu_type:
             flags |= dmop.HVMPORT_IOREQSRV_VMPORT_QEMU_TYPE
@@ -186,7 +256,7 @@ class DeviceModelProcess:
         buf_page = c.map_resource(domid, sid, 0)[0] if flags & 3 else None
         ioreq_page = c.map_resource(domid, sid, 1)[0]
         vmport_page = None
-        if not args.disable_vmport:
+        if self.serve_vmport:
             vmport_page = c.map_resource(
                 domid, sid, dmop.HVMPORT_RESOURCE_IOREQ_SERVER_FRAME_VMPORT)[0]
         for first, last in ranges:
@@ -215,14 +285,58 @@ class DeviceModelProcess:
             guest_memory=guest, vmport_types=vmport_types, spin_us=args.spin_us,
             add32=atomic.add32, watch={c.fileno(): self._hypervisor_gone},
         )
+        if self._console is not None:
+            loop.watch_providers.append(self._console_watch)
         if args.qmp:
-            self.qmp = QmpServer(args.qmp, Monitor(self.vmmouse, self.i8042).commands())
+            self.monitor = Monitor(self.vmmouse, self.i8042, machine=_Machine(c, domid),
+                                   emit=self._emit)
+            self.qmp = QmpServer(args.qmp, self.monitor.commands(),
+                                 after_reply=self.monitor.run_deferred)
             loop.watch_providers.append(self.qmp.watch)
         return loop
 
+    def _emit(self, name: str, data: Json | None) -> None:
+        if self.qmp is not None:
+            self.qmp.broadcast(qmp_event(name, data))
+
     def _hypervisor_gone(self) -> bool:
-        # The hypervisor never writes unprompted: readable means it closed the socket.
+        # The hypervisor never writes unprompted: readable means it closed the socket,
+        # which it does when the domain ends. QMP clients hear of it, as from QEMU.
+        if self.monitor is not None:
+            self.monitor.domain_gone()
+        if self.qmp is not None:
+            self.qmp.close()
         return False
+
+
+class _Machine:
+    """QMP's stop/cont/system_powerdown/quit, as requests to the hypervisor."""
+
+    def __init__(self, client: DeviceModel, domid: int) -> None:
+        self.client = client
+        self.domid = domid
+
+    def pause(self) -> None:
+        self.client.pause(self.domid)
+
+    def unpause(self) -> None:
+        self.client.unpause(self.domid)
+
+    def power_off(self) -> None:
+        self.client.remote_shutdown(self.domid, dmop.SHUTDOWN_poweroff)
+
+
+def _console_socket(spec: str) -> socket.socket:
+    try:
+        fd = int(spec[3:])
+        sock = socket.socket(fileno=fd)
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"--serial {spec}: not an inherited socket ({e})") from None
+    if sock.type != socket.SOCK_STREAM:
+        sock.detach()
+        raise ConfigError(f"--serial {spec}: not a stream socket")
+    sock.setblocking(False)
+    return sock
 
 
 def _uuid_bytes(text: str) -> bytes:

@@ -49,6 +49,7 @@ class Monitor:
         self.running = True
         #: Set once the domain is shutting down (the device model leaves after replying).
         self.shutting_down = False
+        self._deferred: list[Callable[[], None]] = []
 
     def commands(self) -> dict[str, Handler]:
         return {
@@ -110,7 +111,14 @@ class Monitor:
     def _shutdown(self, machine: Machine, *, guest: bool, reason: str) -> None:
         self.shutting_down = True
         self.emit("SHUTDOWN", {"guest": guest, "reason": reason})
-        machine.power_off()
+        # After the reply: powering off ends this process, and the client deserves its
+        # answer first.
+        self._deferred.append(machine.power_off)
+
+    def run_deferred(self) -> None:
+        todo, self._deferred = self._deferred, []
+        for action in todo:
+            action()
 
     def domain_gone(self) -> None:
         """The hypervisor ended the domain (the guest powered off, or it crashed)."""

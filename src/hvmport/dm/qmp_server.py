@@ -26,9 +26,13 @@ class _Client:
 
 
 class QmpServer:
-    def __init__(self, path: str, commands: dict[str, Handler], max_clients: int = 64) -> None:
+    def __init__(self, path: str, commands: dict[str, Handler], max_clients: int = 64,
+                 after_reply: Callable[[], None] | None = None) -> None:
         self.path = path
         self.commands = commands
+        #: Runs once a batch of replies is on its way (what must happen after answering,
+        #: e.g. powering off, which ends this process).
+        self.after_reply = after_reply
         self.max_clients = max_clients
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
@@ -41,6 +45,8 @@ class QmpServer:
 
     def watch(self) -> dict[int, Callable[[], bool]]:
         """Descriptors for the select loop, with what to do when readable."""
+        if self.listener.fileno() < 0:
+            return {}
         fds: dict[int, Callable[[], bool]] = {self.listener.fileno(): self._accept}
         for fd, client in self._clients.items():
             fds[fd] = functools.partial(self._read, client)
@@ -52,6 +58,8 @@ class QmpServer:
                 self._send(client, data)
 
     def close(self) -> None:
+        if self.listener.fileno() < 0:
+            return
         for client in list(self._clients.values()):
             self._drop(client)
         self.listener.close()
@@ -83,6 +91,8 @@ class QmpServer:
             self._drop(client)
             return True
         self._send(client, client.session.receive(data))
+        if self.after_reply is not None:
+            self.after_reply()
         return True
 
     def _send(self, client: _Client, data: bytes) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import BinaryIO
+from typing import Protocol
 
 from hvmport.core.domain import Domain, IoResult, IoStatus
 from hvmport.core.slots import size_mask
@@ -36,6 +36,14 @@ STATUS_TIMEOUT = 124
 Waiter = Callable[[int, int, BackdoorRegs, str], IoResult]
 
 
+
+class ConsoleSink(Protocol):
+    """Where debug-console bytes go: a file, or the toolstack's console hub."""
+
+    def write(self, data: bytes, /) -> object: ...
+
+    def flush(self) -> None: ...
+
 class DomainCrashed(VcpuStop):
     """The core crashed the domain (a device model broke the protocol)."""
 
@@ -50,7 +58,7 @@ def _backdoor_regs(regs: Regs) -> BackdoorRegs:
 class Emulator:
     """Glue between a CPU backend's exits and the sans-io core."""
 
-    def __init__(self, domain: Domain, console: BinaryIO | None,
+    def __init__(self, domain: Domain, console: ConsoleSink | None,
                  waiter: Waiter | None = None, pic: Pic | None = None,
                  domain_lock: threading.Lock | None = None) -> None:
         self.domain = domain

@@ -13,6 +13,8 @@ range                 contents                                                  
 0x01000 - 0x01fff     flat GDT (selectors of hvmport.cpu.base), limit 0x2f       all
 0x02000 - 0x02057     Multiboot information structure                            multiboot
 0x02100 - 0x02147     Multiboot memory map (3 entries)                           multiboot
+0x02200 - 0x0220f     Multiboot module list (at most one module: the ramdisk)    multiboot
+0x02300 - 0x023ff     the module's string (at most 255 bytes + NUL)              multiboot
 0x02f00 - 0x02fff     boot loader name "hvmport"                                 multiboot
 0x03000 - 0x03fff     Multiboot command line (at most 4095 bytes + NUL)          multiboot
 0x04000 - 0x04fff     PML4                                                       LONG64
@@ -93,7 +95,7 @@ MB_FLAG_MEMORY_INFO = 1 << 1
 MB_FLAG_VIDEO_MODE = 1 << 2
 MB_FLAG_AOUT_KLUDGE = 1 << 16
 #: Required-feature bits (0..15) this loader satisfies. Bit 0 (page-align modules) is
-#: trivially met: there are no modules.
+#: met: the one module (the ramdisk) starts on a page boundary.
 MB_SUPPORTED_REQUIRED = MB_FLAG_PAGE_ALIGN | MB_FLAG_MEMORY_INFO
 
 MBI_FLAG_MEMORY = 1 << 0
@@ -160,14 +162,22 @@ class Segment:
 # --- public API ----------------------------------------------------------------------------
 
 
+MODULE_LIST_ADDR = 0x2200
+MODULE_STRING_ADDR = 0x2300
+MODULE_STRING_MAX = 255
+
+
 def load_multiboot(path: str | os.PathLike[str], memory: GuestMemory,
-                   cmdline: str = "") -> StartState:
+                   cmdline: str = "", module: str | os.PathLike[str] | None = None,
+                   ) -> StartState:
     """Load a Multiboot v1 kernel (ELF32, or any file with the a.out kludge, flags bit 16).
 
     Entry state (Multiboot spec section 3.2): 32-bit protected mode, paging off, flat
     segments from the loader's GDT, EAX = 0x2BADB002, EBX = the Multiboot information
-    structure at MBI_ADDR with mem_lower/mem_upper, the command line, no modules, a memory
-    map and the boot loader name. ESP = BOOT_STACK_TOP (the spec leaves it undefined).
+    structure at MBI_ADDR with mem_lower/mem_upper, the command line, the module (xl.cfg's
+    ``ramdisk``: page-aligned after the kernel's last byte, its string the file's name) or
+    none, a memory map and the boot loader name. ESP = BOOT_STACK_TOP (the spec leaves it
+    undefined).
     Every problem with the file raises ConfigError naming the file and what is wrong.
     """
     name = os.fspath(path)
@@ -182,8 +192,12 @@ def load_multiboot(path: str | os.PathLike[str], memory: GuestMemory,
         raise ConfigError(e.message, path=name) from None
     for seg in segments:
         _write_segment(memory, seg)
+    mod = None
+    if module is not None:
+        end = max(seg.paddr + seg.memsz for seg in segments)
+        mod = _load_module(module, memory, max(end, LEGACY_HOLE_END))
     _write_gdt(memory)
-    _write_multiboot_info(memory, cmd)
+    _write_multiboot_info(memory, cmd, mod)
     regs = Regs(rax=MULTIBOOT_BOOTLOADER_MAGIC, rbx=MBI_ADDR, rip=entry, rsp=BOOT_STACK_TOP)
     return StartState(Mode.PROT32, regs, gdt_base=GDT_ADDR, gdt_limit=GDT_LIMIT)
 
@@ -482,7 +496,27 @@ def _encode_cmdline(cmdline: str) -> bytes:
     return encoded
 
 
-def _write_multiboot_info(memory: GuestMemory, cmdline: bytes) -> None:
+def _load_module(path: str | os.PathLike[str], memory: GuestMemory,
+                 after: int) -> tuple[int, int]:
+    name = os.fspath(path)
+    try:
+        data = Path(name).read_bytes()
+    except OSError as e:
+        raise ConfigError(f"cannot read ramdisk: {e.strerror}", path=name) from e
+    label = os.path.basename(name).encode()
+    if len(label) > MODULE_STRING_MAX or b"\0" in label:
+        raise ConfigError("ramdisk file name is too long for the module string", path=name)
+    start = (after + 0xFFF) & ~0xFFF
+    if start + len(data) > memory.size:
+        raise ConfigError(f"ramdisk of {len(data)} bytes does not fit after the kernel in "
+                          f"{memory.size >> 20} MiB of RAM", path=name)
+    memory.write(start, data)
+    memory.write(MODULE_STRING_ADDR, label + b"\0")
+    return start, start + len(data)
+
+
+def _write_multiboot_info(memory: GuestMemory, cmdline: bytes,
+                          module: tuple[int, int] | None = None) -> None:
     mmap = [
         (0, LEGACY_HOLE_START, MMAP_AVAILABLE),
         (LEGACY_HOLE_START, LEGACY_HOLE_END - LEGACY_HOLE_START, MMAP_RESERVED),
@@ -495,7 +529,12 @@ def _write_multiboot_info(memory: GuestMemory, cmdline: bytes) -> None:
     struct.pack_into("<II", info, 4, LEGACY_HOLE_START // 1024,
                      (memory.size - LEGACY_HOLE_END) // 1024)
     struct.pack_into("<I", info, 16, CMDLINE_ADDR)
-    struct.pack_into("<II", info, 20, 0, 0)  # no modules
+    if module is None:
+        struct.pack_into("<II", info, 20, 0, 0)
+    else:
+        struct.pack_into("<II", info, 20, 1, MODULE_LIST_ADDR)
+        memory.write(MODULE_LIST_ADDR,
+                     struct.pack("<IIII", module[0], module[1], MODULE_STRING_ADDR, 0))
     struct.pack_into("<II", info, 44, len(mmap_bytes), MMAP_ADDR)
     struct.pack_into("<I", info, 64, LOADER_NAME_ADDR)
     memory.write(MBI_ADDR, bytes(info))

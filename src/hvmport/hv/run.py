@@ -18,7 +18,6 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
 
 from hvmport import atomic
 from hvmport.core.clock import Clock
@@ -60,6 +59,8 @@ class Image:
     flat_mode: Mode | None = None
     load_addr: int = 0x100000
     cmdline: str = ""
+    #: A Multiboot module (xl.cfg's ``ramdisk``).
+    ramdisk: Path | None = None
 
 
 @dataclass(slots=True)
@@ -72,7 +73,7 @@ class RunConfig:
     vmware_hwver: int = 7
     smp_entry: bool = False
     timeout: float | None = None
-    console: BinaryIO | None = None
+    console: emulate.ConsoleSink | None = None
     domid: int = 1
     #: Start the device-model process (it serves the VMware port, i8042 and the UART).
     device_model: bool = True
@@ -116,6 +117,8 @@ def validate(config: RunConfig) -> None:
         raise ConfigError("--smp-entry needs a flat binary (--mode 16|32|64)")
     if not config.image.path.is_file():
         raise ConfigError(f"{config.image.path}: no such file")
+    if config.image.ramdisk is not None and config.image.flat_mode is not None:
+        raise ConfigError("a ramdisk needs a Multiboot kernel, not a flat binary")
 
 
 def _load(config: RunConfig, memory: GuestMemory) -> StartState:
@@ -123,7 +126,7 @@ def _load(config: RunConfig, memory: GuestMemory) -> StartState:
 
     image = config.image
     if image.flat_mode is None:
-        return loader.load_multiboot(image.path, memory, image.cmdline)
+        return loader.load_multiboot(image.path, memory, image.cmdline, image.ramdisk)
     data = image.path.read_bytes()
     return loader.load_flat(data, memory, image.load_addr, image.flat_mode)
 
