@@ -245,6 +245,12 @@ HOSTILE_DM = textwrap.dedent("""
 """)
 
 STATUS_LOOP = """
+    mov $0x564d5868, %eax
+    mov $40, %ecx
+    mov $0x5658, %dx
+    in %dx, %eax
+    mov $0x72, %al          # 'r' on the debug console: the device model has answered
+    out %al, $0xe9
 1:  mov $0x564d5868, %eax
     mov $40, %ecx
     mov $0x5658, %dx
@@ -287,7 +293,12 @@ def test_device_model_killed_mid_request(tmp_path: Path, backend: str) -> None:
                      "--mode", "32")
     try:
         dm_pid = _wait_for_child(proc.pid, "hvmport.dm")
-        time.sleep(0.3)  # the guest is hammering the device model by now
+        console = tmp_path / "c.txt"
+        deadline = time.monotonic() + 30
+        while not (console.exists() and console.read_bytes()):
+            assert time.monotonic() < deadline, "the device model never answered"
+            time.sleep(0.05)
+        time.sleep(0.1)  # the guest is hammering the device model by now
         os.kill(dm_pid, signal.SIGKILL)
         status = proc.wait(timeout=30)
         err = proc.stderr.read() if proc.stderr else ""

@@ -101,6 +101,66 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_create(args: argparse.Namespace) -> int:
+    from hvmport.toolstack import xl
+
+    words: list[str] = list(args.words)
+    cfg = None
+    if words and "=" not in words[0]:
+        cfg = words.pop(0)
+    if cfg is None and not words:
+        raise ConfigError("create needs a config file (and/or KEY=VALUE settings)")
+    return xl.create(cfg, words, paused=args.paused, foreground=args.foreground,
+                     console=args.console, trace=args.trace)
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from hvmport.toolstack import xl
+
+    return xl.list_domains(args.domains, long=args.long)
+
+
+def _cmd_domain(args: argparse.Namespace) -> int:
+    from hvmport.toolstack import xl
+
+    verbs = {"destroy": xl.destroy, "pause": xl.pause, "unpause": xl.unpause,
+             "console": xl.console_attach}
+    return verbs[args.command](args.domain)
+
+
+def _add_toolstack(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    create = sub.add_parser(
+        "create", help="create a domain from an xl.cfg file (returns once it runs)",
+        description="Create a domain from an xl.cfg file, like xl create. KEY=VALUE words "
+        "after the file override or add settings. The domain runs in the background (its "
+        "monitor process stays) unless -F; see docs/xl-cfg.md for the options.")
+    create.add_argument("words", nargs="*", metavar="CFG [KEY=VALUE ...]")
+    create.add_argument("-c", dest="console", action="store_true",
+                        help="attach to the console once the domain runs")
+    create.add_argument("-p", dest="paused", action="store_true",
+                        help="leave the domain paused (hvmport unpause starts it)")
+    create.add_argument("-F", dest="foreground", action="store_true",
+                        help="stay in the foreground until the domain ends; exit with its "
+                        "status")
+    create.add_argument("--trace", metavar="FILE",
+                        help="record the domain's I/O trace to FILE")
+    create.set_defaults(func=_cmd_create)
+    lst = sub.add_parser("list", help="list domains (Name ID Mem VCPUs State Time(s))",
+                         description="List the domains: state letters r(unning) b(locked) "
+                         "p(aused) s(hutdown) c(rashed) d(ying), as xl list.")
+    lst.add_argument("-l", dest="long", action="store_true",
+                     help="JSON, with each domain's sockets (qmp, console) and config")
+    lst.add_argument("domains", nargs="*", metavar="DOMAIN")
+    lst.set_defaults(func=_cmd_list)
+    for verb, text in (("destroy", "end a domain at once; nothing is left behind"),
+                       ("pause", "stop a domain's vCPUs"),
+                       ("unpause", "let a paused domain's vCPUs run"),
+                       ("console", "attach to a domain's serial console (Ctrl-] detaches)")):
+        p = sub.add_parser(verb, help=text, description=text[0].upper() + text[1:] + ".")
+        p.add_argument("domain", metavar="DOMAIN", help="domain name or id")
+        p.set_defaults(func=_cmd_domain)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hvmport",
@@ -183,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--plot", metavar="OUT.png", help="also draw the figures (matplotlib)")
     bench.add_argument("--only", metavar="NAMES", help="comma-separated scenario names")
     bench.set_defaults(func=_cmd_bench)
+    _add_toolstack(sub)
     return parser
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from hvmport import toolchain
 from hvmport.cpu.base import Mode
 from hvmport.errors import ConfigError, HostError
+from hvmport.progress import Progress
 
 #: Physical address of the Multiboot battery's embedded 64-bit piece (guests/lib.S,
 #: EMBED64_BASE; guests/multiboot.ld places it there).
@@ -88,6 +89,8 @@ GUESTS: dict[str, Guest] = {
               ("flat32", "flat64")),
         Guest("vmmouse", "device-model commands and the whole vmmouse sequence; "
               "'pointer=N' waits for N host pointer packets", ("multiboot", "flat32")),
+        Guest("echo", "the serial console both ways: echoes each byte typed on COM1, 'q' "
+              "ends it", ("multiboot",)),
     )
 }
 
@@ -152,7 +155,8 @@ def build_all(*, source_dir: Path | None = None, force: bool = False) -> Path:
     toolchain.require_tools("as", "ld")
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
     try:
-        _build_into(src, tmp)
+        with Progress("building the test guests", total=_count_builds()) as progress:
+            _build_into(src, tmp, progress)
         if force and final.is_dir():
             old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.", dir=root))
             os.replace(final, old / "tree")
@@ -211,15 +215,21 @@ def _file_name(name: str, variant: str) -> str:
     return f"{name}.{variant}{info.suffix}"
 
 
-def _build_into(src: Path, out: Path) -> None:
+def _count_builds() -> int:
+    return sum(len(g.embeds) + len(g.variants) for g in GUESTS.values())
+
+
+def _build_into(src: Path, out: Path, progress: Progress) -> None:
     work = out / ".obj"
     work.mkdir()
     for guest in GUESTS.values():
         for piece in guest.embeds:
             # Embedded pieces land in the work directory, where the .incbin finds them.
             _build_one(src, work, work, guest.name, piece, _EMBEDDED[piece])
+            progress.advance(note=f"{guest.name}.{piece}")
         for variant in guest.variants:
             _build_one(src, work, out, guest.name, variant, VARIANTS[variant])
+            progress.advance(note=f"{guest.name}.{variant}")
     shutil.rmtree(work)
 
 
