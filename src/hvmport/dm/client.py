@@ -87,16 +87,18 @@ class DeviceModel:
 
     # -------------------------------------------------------------- libxendevicemodel
 
-    def restrict(self, domid: int) -> None:
-        reply, _ = self._call(ctl.CTL_RESTRICT, domid)
+    def _checked(self, kind: int, name: str, domid: int) -> int:
+        """A control call without descriptors; its value, or DmOpError with its errno."""
+        reply, _ = self._call(kind, domid)
         if reply.rc:
-            raise DmOpError("restrict", -reply.rc)
+            raise DmOpError(name, -reply.rc)
+        return reply.value
+
+    def restrict(self, domid: int) -> None:
+        self._checked(ctl.CTL_RESTRICT, "restrict", domid)
 
     def nr_vcpus(self, domid: int) -> int:
-        reply, _ = self._call(ctl.CTL_NR_VCPUS, domid)
-        if reply.rc:
-            raise DmOpError("nr_vcpus", -reply.rc)
-        return reply.value
+        return self._checked(ctl.CTL_NR_VCPUS, "nr_vcpus", domid)
 
     def create_ioreq_server(self, domid: int, flags: int) -> int:
         out = self._op("create_ioreq_server", domid, ops.create_ioreq_server(flags))
@@ -133,14 +135,10 @@ class DeviceModel:
 
     def pause(self, domid: int) -> None:
         """hvmport extension (QMP stop): the vCPUs stop at their next exit."""
-        reply, _ = self._call(ctl.CTL_PAUSE, domid)
-        if reply.rc:
-            raise DmOpError("pause", -reply.rc)
+        self._checked(ctl.CTL_PAUSE, "pause", domid)
 
     def unpause(self, domid: int) -> None:
-        reply, _ = self._call(ctl.CTL_UNPAUSE, domid)
-        if reply.rc:
-            raise DmOpError("unpause", -reply.rc)
+        self._checked(ctl.CTL_UNPAUSE, "unpause", domid)
 
     def dm_op(self, domid: int, buf: bytes) -> tuple[int, bytes]:
         """Raw access: the rc and the bytes the hypervisor wrote back."""

@@ -6,13 +6,12 @@ or sends more than it may, is disconnected. At most ``max_clients`` at once.
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from hvmport import unixsock
 from hvmport.dm.qmp import Handler, QmpSession
 
 MAX_OUTPUT = 1 << 20
@@ -34,13 +33,7 @@ class QmpServer:
         #: e.g. powering off, which ends this process).
         self.after_reply = after_reply
         self.max_clients = max_clients
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        self.listener.bind(path)
-        os.chmod(path, 0o600)
-        self.listener.listen(16)
-        self.listener.setblocking(False)
+        self.listener = unixsock.listen(path, backlog=16, blocking=False)
         self._clients: dict[int, _Client] = {}
 
     def watch(self) -> dict[int, Callable[[], bool]]:
@@ -63,8 +56,7 @@ class QmpServer:
         for client in list(self._clients.values()):
             self._drop(client)
         self.listener.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+        unixsock.remove(self.path)
 
     def _accept(self) -> bool:
         try:

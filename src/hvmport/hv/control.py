@@ -10,7 +10,6 @@ owns ioreq servers crashes the domain with the name and pid of the process.
 from __future__ import annotations
 
 import array
-import contextlib
 import errno
 import os
 import select
@@ -22,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from hvmport import unixsock
 from hvmport.abi import control as ctl
 from hvmport.abi import dm_op as dmop
 from hvmport.core import dmop as ops
@@ -67,9 +67,7 @@ class ControlServer:
         self.channels = channels
         self.irq = irq
         self.describe_peer = describe_peer
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.listener.bind(path)
-        self.listener.listen(8)
+        self.listener = unixsock.listen(path, kind=socket.SOCK_SEQPACKET)
         self._stop_r, self._stop_w = os.pipe()
         self._peers: dict[int, Peer] = {}
         self._next_emulator = 1
@@ -89,8 +87,7 @@ class ControlServer:
         self.listener.close()
         os.close(self._stop_r)
         os.close(self._stop_w)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+        unixsock.remove(self.path)
 
     # ------------------------------------------------------------------ loop
 

@@ -22,6 +22,8 @@ import tty
 from collections import deque
 from typing import BinaryIO
 
+from hvmport import unixsock
+
 BACKLOG = 64 * 1024
 MAX_CLIENT_QUEUE = 1 << 20
 #: Ctrl-], as in xl console, telnet and virsh.
@@ -34,13 +36,7 @@ class ConsoleHub:
         self._uart, self.dm_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self._uart.setblocking(False)
         self.dm_end.set_inheritable(True)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        self._listener.bind(path)
-        os.chmod(path, 0o600)
-        self._listener.listen(8)
-        self._listener.setblocking(False)
+        self._listener = unixsock.listen(path, blocking=False)
         self._lock = threading.Lock()
         self._backlog: deque[bytes] = deque()
         self._backlog_size = 0
@@ -206,8 +202,7 @@ class ConsoleHub:
         self.dm_end.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+        unixsock.remove(self.path)
 
 
 def attach(path: str, stdin: BinaryIO | None = None, stdout: BinaryIO | None = None) -> int:

@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from hvmport import unixsock
 from hvmport.errors import HvmportError
 from hvmport.hv.lifecycle import Ending, Lifecycle
 from hvmport.toolstack import config as domain_config
@@ -47,12 +48,7 @@ class ToolstackServer:
     def __init__(self, path: str, handle: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
         self.path = path
         self.handle = handle
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        self.sock.bind(path)
-        os.chmod(path, 0o600)
-        self.sock.listen(8)
+        self.sock = unixsock.listen(path)
         self._thread = threading.Thread(target=self._serve, name="toolstack", daemon=True)
         self._thread.start()
 
@@ -83,8 +79,7 @@ class ToolstackServer:
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+        unixsock.remove(self.path)
 
 
 def _read_line(conn: socket.socket) -> bytes:
