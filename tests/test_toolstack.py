@@ -317,3 +317,35 @@ def test_a_kernel_the_loader_refuses_fails_create_cleanly(xl: Xl, tmp_path: Path
     assert res.returncode == 2
     assert "did not start" in res.stderr and "Multiboot" in res.stderr
     assert xl.domains() == [] and xl.leftovers() == []
+
+
+def test_restart_runs_the_domain_again_with_the_same_console_and_id(xl: Xl) -> None:
+    xl.create(xl.cfg("again", guest("echo"), 'on_poweroff = "restart"'))
+    domid = xl.domain("again")["domid"]
+    console = Console(xl, "again")
+    console.read_until(b"echo: ready")
+    console.type(b"q")
+    # The same console carries the second boot.
+    console.read_until(b"echo: bye\r\np32 echo begin\necho: ready")
+    info = xl.domain("again")
+    assert info["domid"] == domid and info["state"] == "running"
+    console.type(b"x")
+    console.read_until(b"<x>")
+    assert xl("destroy", "again").returncode == 0
+    console.close()
+
+
+def test_a_domain_restarting_in_a_loop_is_left_crashed(xl: Xl) -> None:
+    # vmmouse ends at once: with on_poweroff="restart" it would boot forever.
+    xl.create(xl.cfg("loop", guest("vmmouse"), "vmware_hwver = 7",
+                     'on_poweroff = "restart"'))
+    deadline = time.monotonic() + 60
+    while xl.domain("loop")["state"] != "crashed":
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert xl("list", "loop").stdout.splitlines()[1].split()[4] == "----c-"
+    log = (xl.run_dir / "logs" / "loop.log").read_text()
+    assert log.count("poweroff: isa-debug-exit") == 5
+    assert "restarting too fast" in log
+    assert xl("destroy", "loop").returncode == 0
+    assert xl.leftovers() == []

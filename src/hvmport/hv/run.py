@@ -255,9 +255,10 @@ def _drive(vcpus: list[Vcpu], emulator: emulate.Emulator, timeout: float | None,
 
     threads = [threading.Thread(target=body, args=(v,), name=f"vcpu{v.vcpu_id}", daemon=True)
                for v in vcpus]
+    # Attached before the vCPUs start: the previous run (a restart) left it "ending".
+    lifecycle.attach(kick_all, lambda request: exits.put((-1, request)))
     for t in threads:
         t.start()
-    lifecycle.attach(kick_all, lambda request: exits.put((-1, request)))
     deadline = None if timeout is None else time.monotonic() + timeout
     halted = 0
     outcome: tuple[int, str, Ending] | None = None

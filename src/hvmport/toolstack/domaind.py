@@ -188,19 +188,18 @@ class Monitor:
                 self._log(f"domain {self.cfg.name} ({self.domid}): {result.ending.value}: "
                           f"{result.reason}")
                 action = self._action(result.ending)
+                crashed = result.ending not in (Ending.POWEROFF, Ending.REBOOT)
                 if action == "restart":
                     quick = time.monotonic() - started < RESTART_WINDOW
                     quick_restarts = quick_restarts + 1 if quick else 0
                     if quick_restarts >= MAX_QUICK_RESTARTS:
                         self._log("restarting too fast; leaving the domain crashed")
-                        action = "preserve"
+                        action, crashed = "preserve", True
                     else:
                         self._set_state("running", "")
                         continue
                 if action == "preserve":
-                    kind = "shutdown" if result.ending in (Ending.POWEROFF,
-                                                           Ending.REBOOT) else "crashed"
-                    self._set_state(kind, result.reason)
+                    self._set_state("crashed" if crashed else "shutdown", result.reason)
                     # Timed waits, so that SIGTERM's handler gets to run.
                     while not self._destroyed.wait(1.0):
                         pass
