@@ -37,6 +37,7 @@ from hvmport.dm.ioreq_loop import IoreqLoop
 from hvmport.dm.monitor import Monitor
 from hvmport.dm.qmp_server import QmpServer
 from hvmport.errors import ConfigError, HvmportError
+from hvmport.trace.recorder import Tracer
 
 PR_SET_PDEATHSIG = 1
 BUFIOREQ = {"off": dmop.HVM_IOREQSRV_BUFIOREQ_OFF,
@@ -104,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--qmp", metavar="PATH", help="serve QMP on this Unix socket")
     p.add_argument("--spin-us", type=float, default=100.0,
                    help="spin on the slots this long after work before blocking")
+    p.add_argument("--trace", metavar="FILE",
+                   help="record trace events (docs/tracing.md) into FILE")
     return p
 
 
@@ -121,6 +124,9 @@ class DeviceModelProcess:
         self.i8042: I8042 | None = None
         self._irq_levels: dict[int, int] = {}
         self._serial = self._open_serial(args.serial)
+        self.tracer: Tracer | None = None
+        if args.trace:
+            self.tracer = Tracer(args.trace, domid=self.domid, role="device-model")
 
     # ------------------------------------------------------------------ devices
 
@@ -214,6 +220,7 @@ class DeviceModelProcess:
             vmport_page=vmport_page, buf_page=buf_page, buf_channel=buf_channel,
             guest_memory=guest, vmport_types=vmport_types, spin_us=args.spin_us,
             add32=atomic.add32, watch={c.fileno(): self._hypervisor_gone},
+            tracer=self.tracer, server_id=sid,
         )
         if args.qmp:
             self.qmp = QmpServer(args.qmp, Monitor(self.vmmouse, self.i8042).commands())
@@ -236,10 +243,18 @@ def _uuid_bytes(text: str) -> bytes:
     return raw
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: Sequence[str] | None = None,
          ready: Callable[[], None] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _die_with_parent()
+    if args.trace:
+        # A SIGTERM (our parent died, or insisted) unwinds through the finally below, so
+        # the events still buffered reach the trace file.
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         dm = DeviceModelProcess(args)
         loop = dm.start()
@@ -251,6 +266,10 @@ def main(argv: Sequence[str] | None = None,
         os.close(args.ready_fd)
     if ready is not None:
         ready()
-    with contextlib.suppress(KeyboardInterrupt):
-        loop.run()
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            loop.run()
+    finally:
+        if dm.tracer is not None:
+            dm.tracer.close()
     return 0

@@ -15,6 +15,7 @@ import shutil
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,7 @@ from hvmport.core.cpuid import hypervisor_leaves
 from hvmport.core.domain import Crash, Domain
 from hvmport.cpu.base import Exit, ExitKind, Mode, StartState, Vcpu, Vm, VmConfig
 from hvmport.cpu.select import select_backend
-from hvmport.errors import ConfigError
+from hvmport.errors import ConfigError, HvmportError
 from hvmport.hv import emulate
 from hvmport.hv.control import ControlServer
 from hvmport.hv.evtchn import Channel
@@ -36,6 +37,8 @@ from hvmport.hv.memory import GuestMemory, check_memory_mib
 from hvmport.hv.pic import Pic
 from hvmport.hv.shmem import MemfdPages
 from hvmport.hv.wait import DeviceModelWaiter
+from hvmport.trace.reader import TraceWarning
+from hvmport.trace.recorder import Tracer, merge
 
 MAX_VCPUS = 128
 #: The toolstack destroyed the domain (even, like the other statuses of a run).
@@ -94,6 +97,9 @@ class RunConfig:
     dm_pass_fds: tuple[int, ...] = ()
     #: Called with the device models' pids once they are ready.
     on_started: Callable[[list[int]], None] = field(default=lambda pids: None)
+    #: Record trace events (docs/tracing.md) of this process and of hvmport's own device
+    #: models into this file.
+    trace: str | None = None
 
 
 @dataclass(slots=True)
@@ -148,6 +154,10 @@ def run(config: RunConfig, clock: Clock | None = None) -> RunResult:
     lifecycle = config.lifecycle or Lifecycle()
     with GuestMemory(config.memory_mib) as memory, _run_dir() as rundir, \
             contextlib.ExitStack() as stack:
+        tracing = Tracing.start(config, rundir) if config.trace else None
+        if tracing is not None:
+            # Registered first, so it runs last: once every device model has ended.
+            stack.callback(tracing.finish)
         start = _load(config, memory)
         cpuid: dict[tuple[int, int], tuple[int, int, int, int]] = {}
         vm = backend.create_vm(VmConfig(memory, config.vcpus, cpuid, hypervisor_bit=True))
@@ -179,7 +189,8 @@ def run(config: RunConfig, clock: Clock | None = None) -> RunResult:
         # the hypervisor's own PIC model.
         kernel_irq = _irq_sink(vm)
         emulator = emulate.Emulator(domain, config.console, waiter,
-                                    pic=None if kernel_irq else Pic(), domain_lock=lock)
+                                    pic=None if kernel_irq else Pic(), domain_lock=lock,
+                                    tracer=tracing.tracer if tracing is not None else None)
         irq_sink = kernel_irq or emulator.set_irq
         if config.device_model:
             control = ControlServer(config.control_path or os.path.join(rundir, "control"),
@@ -191,6 +202,8 @@ def run(config: RunConfig, clock: Clock | None = None) -> RunResult:
             stack.callback(control.close)
             for i, args in enumerate(config.dm_args):
                 program = config.dm_program if i == 0 else None
+                if tracing is not None and program is None:
+                    args = [*args, "--trace", tracing.part(i)]
                 dms.append(DeviceModelProcess(control.path, config.domid, args,
                                               program=program, pass_fds=config.dm_pass_fds))
             config.on_started([dm.pid for dm in dms])
@@ -203,6 +216,47 @@ def run(config: RunConfig, clock: Clock | None = None) -> RunResult:
         status, reason, ending = _drive([vcpus[i] for i in runnable], emulator,
                                         config.timeout, events, lifecycle)
     return RunResult(status, reason, backend.name, ending)
+
+
+@dataclass(slots=True)
+class Tracing:
+    """The run's trace: this process's recorder, and one file per device model of ours,
+    merged into the main file when the run ends (they share CLOCK_MONOTONIC)."""
+
+    path: str
+    tracer: Tracer
+    rundir: str
+    note: Callable[[str], None]
+    parts: list[str] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, config: RunConfig, rundir: str) -> Tracing:
+        assert config.trace is not None
+        tracer = Tracer(config.trace, domid=config.domid, role="hypervisor")
+        return cls(config.trace, tracer, rundir, config.note)
+
+    def part(self, index: int) -> str:
+        path = os.path.join(self.rundir, f"trace-dm{index}.jsonl")
+        self.parts.append(path)
+        return path
+
+    def finish(self) -> None:
+        self.tracer.close()
+        if self.tracer.error is not None:
+            self.note(f"trace: writing {self.path} failed: {self.tracer.error.strerror}")
+        parts = [p for p in self.parts if os.path.exists(p)]
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", TraceWarning)
+                count = merge(self.path, *parts)
+        except HvmportError as e:
+            self.note(f"trace: {e}; {self.path} holds the hypervisor's events only")
+            return
+        for w in caught:
+            self.note(f"trace: {w.message}")
+        dropped = self.tracer.dropped
+        self.note(f"trace: {count} events in {self.path}"
+                  + (f" ({dropped} dropped)" if dropped else ""))
 
 
 def _irq_sink(vm: Vm) -> Callable[[int, int], None] | None:

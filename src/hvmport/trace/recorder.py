@@ -39,6 +39,13 @@ DEFAULT_MAX_BUFFERED = 65536
 DEFAULT_FLUSH_INTERVAL = 0.25
 
 Regs = Mapping[str, int]
+_M32 = 0xFFFFFFFF
+
+
+def regs32(eax: int, ebx: int, ecx: int, edx: int, esi: int, edi: int) -> dict[str, int]:
+    """A register payload: the backdoor's six registers, their 32-bit halves."""
+    return {"eax": eax & _M32, "ebx": ebx & _M32, "ecx": ecx & _M32, "edx": edx & _M32,
+            "esi": esi & _M32, "edi": edi & _M32}
 
 
 def _fallback(value: object) -> object:
@@ -69,48 +76,65 @@ class TracerLike(Protocol):
 
 class _EventHelpers:
     """Typed shorthands for the event kinds hvmport defines (``in`` is a Python keyword,
-    and a misspelt field name should be a type error, not a line the reader refuses)."""
+    and a misspelt field name should be a type error, not a line the reader refuses).
+
+    Register sets are ``{"eax": .., "ebx": .., "ecx": .., "edx": .., "esi": .., "edi": ..}``
+    with 32-bit values; ``dur`` is in nanoseconds and the event's time is the span's end.
+    """
 
     def emit(self, ev: str, /, **fields: Any) -> None:
         raise NotImplementedError
 
-    def vmport_handled(self, vcpu: int, cmd: int, regs_in: Regs, regs_out: Regs,
-                       dur: int | None = None) -> None:
-        if dur is None:
-            self.emit("vmport_handled", vcpu=vcpu, cmd=cmd, **{"in": regs_in, "out": regs_out})
-        else:
-            self.emit("vmport_handled", vcpu=vcpu, cmd=cmd, dur=dur,
-                      **{"in": regs_in, "out": regs_out})
+    # -- the hypervisor --------------------------------------------------------------------
 
-    def vmport_ignored(self, vcpu: int, cmd: int, regs_in: Regs, why: str | None = None,
-                       ) -> None:
-        if why is None:
-            self.emit("vmport_ignored", vcpu=vcpu, cmd=cmd, **{"in": regs_in})
-        else:
-            self.emit("vmport_ignored", vcpu=vcpu, cmd=cmd, why=why, **{"in": regs_in})
+    def vmport_handled(self, vcpu: int, cmd: int, regs_in: Regs, regs_out: Regs,
+                       dur: int) -> None:
+        self.emit("vmport_handled", vcpu=vcpu, cmd=cmd, dur=dur,
+                  **{"in": regs_in, "out": regs_out})
+
+    def vmport_ignored(self, vcpu: int, port: int, regs_in: Regs, why: str) -> None:
+        self.emit("vmport_ignored", vcpu=vcpu, port=port, why=why, **{"in": regs_in})
 
     def vmport_send(self, vcpu: int, sid: int, cmd: int, regs_in: Regs) -> None:
         self.emit("vmport_send", vcpu=vcpu, sid=sid, cmd=cmd, **{"in": regs_in})
-
-    def vmport_dm(self, vcpu: int, sid: int, cmd: int, regs_in: Regs, regs_out: Regs,
-                  dur: int | None = None) -> None:
-        if dur is None:
-            self.emit("vmport_dm", vcpu=vcpu, sid=sid, cmd=cmd,
-                      **{"in": regs_in, "out": regs_out})
-        else:
-            self.emit("vmport_dm", vcpu=vcpu, sid=sid, cmd=cmd, dur=dur,
-                      **{"in": regs_in, "out": regs_out})
 
     def ioreq_send(self, vcpu: int, sid: int, type: int, addr: int, size: int, dir: int,
                    count: int, data: int) -> None:
         self.emit("ioreq_send", vcpu=vcpu, sid=sid, type=type, addr=addr, size=size, dir=dir,
                   count=count, data=data)
 
-    def ioreq_complete(self, vcpu: int, sid: int, type: int, data: int) -> None:
-        self.emit("ioreq_complete", vcpu=vcpu, sid=sid, type=type, data=data)
+    def ioreq_complete(self, vcpu: int, sid: int, type: int, data: int, dur: int, *,
+                       cmd: int | None = None, regs_out: Regs | None = None,
+                       why: str | None = None) -> None:
+        extra: dict[str, Any] = {}
+        if cmd is not None:
+            extra["cmd"] = cmd
+        if regs_out is not None:
+            extra["out"] = regs_out
+        if why:
+            extra["why"] = why
+        self.emit("ioreq_complete", vcpu=vcpu, sid=sid, type=type, data=data, dur=dur,
+                  **extra)
 
-    def bufioreq_send(self, sid: int, type: int, addr: int, size: int, data: int) -> None:
-        self.emit("bufioreq_send", sid=sid, type=type, addr=addr, size=size, data=data)
+    def bufioreq_send(self, sid: int, type: int, addr: int, size: int, data: int,
+                      status: str) -> None:
+        self.emit("bufioreq_send", sid=sid, type=type, addr=addr, size=size, data=data,
+                  status=status)
+
+    # -- the device model ------------------------------------------------------------------
+
+    def vmport_dm(self, vcpu: int, sid: int, cmd: int, regs_in: Regs, regs_out: Regs,
+                  dur: int) -> None:
+        self.emit("vmport_dm", vcpu=vcpu, sid=sid, cmd=cmd, dur=dur,
+                  **{"in": regs_in, "out": regs_out})
+
+    def dm_ioreq(self, vcpu: int, sid: int, type: int, addr: int, size: int, dir: int,
+                 data: int, dur: int) -> None:
+        self.emit("dm_ioreq", vcpu=vcpu, sid=sid, type=type, addr=addr, size=size, dir=dir,
+                  data=data, dur=dur)
+
+    def dm_bufioreq(self, sid: int, type: int, addr: int, size: int, data: int) -> None:
+        self.emit("dm_bufioreq", sid=sid, type=type, addr=addr, size=size, data=data)
 
 
 class NullTracer(_EventHelpers):
