@@ -206,8 +206,11 @@ class IoreqLoop:
             regs[4] & MASK32, regs[5] & MASK32, regs[1] & MASK32, regs[2] & MASK32,
             regs[3] & MASK32).pack()
         if self.tracer is not None and regs_in is not None:
-            # EAX as the guest sees it: an IN loads the value read, an OUT leaves EAX.
-            eax = value & ones if req.dir == abi.IOREQ_READ else regs_in["eax"]
+            # EAX as the guest sees it: an IN loads the value read into AL/AX/EAX, an OUT
+            # leaves EAX alone.
+            eax = regs_in["eax"]
+            if req.dir == abi.IOREQ_READ:
+                eax = (eax & ~ones & MASK32) | (value & ones)
             self.tracer.vmport_dm(vcpu, self.server_id, regs_in["ecx"] & 0xFFFF, regs_in,
                                   regs32(eax, *regs[1:]), time.monotonic_ns() - t0)
         return value & ones

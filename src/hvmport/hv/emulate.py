@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import BinaryIO
 
 from hvmport.abi import vmware as vm
+from hvmport.core.bufring import Send
 from hvmport.core.domain import VMPORT_TYPES, Domain, IoResult, IoStatus, Route
 from hvmport.core.slots import size_mask
 from hvmport.core.vmport import BackdoorRegs, apply_in
@@ -177,32 +178,41 @@ class Emulator:
             return None
         return _read_bytes(result, access.size)
 
+    def send_buffered(self, sid: int, ioreq_type: int, addr: int, size: int,
+                      data: int) -> tuple[Send, int | None]:
+        """Queue a write on a server's buffered ring (the core, under the domain lock);
+        returns the status and the event-channel port to notify, as the core does."""
+        with self.domain_lock:
+            status, port = self.domain.send_buffered(sid, ioreq_type, addr, size, data)
+        if self.tracer is not None:
+            self.tracer.bufioreq_send(sid, ioreq_type, addr, size, data, status.value)
+        return status, port
+
     def _wait(self, vcpu: int, result: IoResult, regs: BackdoorRegs, what: str) -> IoResult:
         if self.waiter is None or result.notify is None:
             self.domain.crash("request forwarded to an ioreq server with no transport",
                               "hypervisor")
             return IoResult(IoStatus.CRASHED, reason="no device-model transport")
         tracer = self.tracer
-        if tracer is None:
-            return self.waiter(vcpu, result.notify, regs, what)
         req = result.request
+        if tracer is None or req is None:
+            return self.waiter(vcpu, result.notify, regs, what)
         sid = -1 if result.server is None else result.server
-        if req is not None:
-            tracer.ioreq_send(vcpu, sid, req.type, req.addr, req.size, req.dir, req.count,
-                              req.data)
+        tracer.ioreq_send(vcpu, sid, req.type, req.addr, req.size, req.dir, req.count,
+                          req.data)
         t_send = time.monotonic_ns()
         done = self.waiter(vcpu, result.notify, regs, what)
         dur = time.monotonic_ns() - t_send
-        rtype = req.type if req is not None else -1
-        data = done.value if done.value is not None else (req.data if req is not None else 0)
-        is_vmport = rtype in VMPORT_TYPES
+        data = req.data if done.value is None else done.value
+        is_vmport = req.type in VMPORT_TYPES
         out = None
         if is_vmport and done.regs is not None:
             r = done.regs
-            out = regs32(data, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi)
-        tracer.ioreq_complete(vcpu, sid, rtype, data, dur,
+            rax = regs.rax if done.value is None else apply_in(regs.rax, done.value, req.size)
+            out = regs32(rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi)
+        tracer.ioreq_complete(vcpu, sid, req.type, data, dur,
                               cmd=result.command if is_vmport else None, regs_out=out,
-                              why=done.reason if done.status is not IoStatus.WAIT else None)
+                              why=done.reason or None)
         return done
 
 

@@ -1,0 +1,174 @@
+"""`hvmport run --trace` end to end, on KVM and Unicorn: the vmmouse guest's backdoor calls
+in the merged trace of the hypervisor and the device model, checked against what the guest
+itself printed; then `hvmport trace summary` and `hvmport trace export --chrome` on it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from hvmport.abi import vmware as vm
+from hvmport.trace.reader import Event, Trace, read
+from tests.conftest import Run, guest, hvmport_run
+from tests.test_run import LINE
+
+GETVERSION = vm.BDOOR_CMD_GETVERSION
+STATUS = vm.BDOOR_CMD_ABSPOINTER_STATUS
+REGS = ("eax", "ebx", "ecx", "edx", "esi", "edi")
+
+
+@dataclass
+class Traced:
+    run: Run
+    path: Path
+    trace: Trace
+
+    def calls(self) -> list[tuple[str, dict[str, int]]]:
+        """The guest's backdoor calls in order: (label, registers it printed after)."""
+        out = []
+        for line in self.run.lines():
+            m = LINE.match(line)
+            if m and "eax=" in m.group(3):
+                regs = dict(kv.split("=", 1) for kv in m.group(3).split())
+                out.append((m.group(2), {r: int(regs[r], 16) for r in REGS}))
+        return out
+
+    def of(self, *kinds: str) -> list[Event]:
+        return [e for e in self.trace.events if e.ev in kinds]
+
+
+@pytest.fixture(scope="module")
+def traced_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Traced]:
+    from tests.conftest import kvm_unusable
+
+    runs = {}
+    for b in ("kvm", "unicorn"):
+        if b == "kvm" and kvm_unusable():
+            continue
+        tmp = tmp_path_factory.mktemp(f"trace-{b}")
+        path = tmp / "vmmouse.trace"
+        run = hvmport_run(tmp, "--backend", b, "--kernel", guest("vmmouse"), "--trace",
+                          str(path))
+        runs[b] = Traced(run, path, read(path))
+    return runs
+
+
+@pytest.fixture
+def traced(traced_runs: dict[str, Traced], backend: str) -> Traced:
+    t = traced_runs[backend]
+    assert t.run.status == 1, t.run.stderr
+    return t
+
+
+def test_one_file_from_both_processes(traced: Traced) -> None:
+    procs = traced.trace.processes()
+    roles = sorted(role or "" for role, _ in procs.values())
+    assert roles == ["device-model", "hypervisor"]
+    assert f"trace: {len(traced.trace.events)} events in {traced.path}" in traced.run.stderr
+    times = [e.t for e in traced.trace.events]
+    assert times == sorted(times)
+    assert not traced.of("trace_dropped")
+
+
+def test_every_backdoor_call_is_in_the_trace_with_its_registers(traced: Traced) -> None:
+    calls = traced.calls()
+    hv_calls = traced.of("vmport_handled", "vmport_send", "vmport_ignored")
+    assert len(hv_calls) == len(calls) > 20
+    dm_answers = iter(traced.of("vmport_dm"))
+    completions = iter(e for e in traced.of("ioreq_complete") if e.opt_int("cmd") is not None)
+    handled = []
+    hv_pid = traced.trace.header.pid
+    for (label, printed), e in zip(calls, hv_calls, strict=True):
+        assert e.pid == hv_pid
+        assert e.num("cmd") == e.regs("in")["ecx"] & 0xFFFF, label
+        if e.ev == "vmport_handled":
+            handled.append(label)
+            assert e.regs("out") == printed, label
+            continue
+        assert e.ev == "vmport_send", label
+        answer, done = next(dm_answers), next(completions)
+        # The device model saw what the hypervisor sent, and the guest got its answer.
+        assert answer.pid != hv_pid and answer.num("sid") == e.num("sid")
+        assert answer.num("cmd") == e.num("cmd") == done.opt_int("cmd"), label
+        assert answer.regs("in") == e.regs("in"), label
+        assert answer.regs("out") == printed == done.regs("out"), label
+        assert e.t < answer.t < done.t
+        assert 0 < answer.num("dur") < done.num("dur")
+    # GETVERSION is the one command of this guest the hypervisor answers (v14's list).
+    assert handled == ["GETVERSION.in4"]
+    (version,) = traced.of("vmport_handled")
+    assert version.regs("out")["eax"] == 6 and version.regs("out")["ebx"] == 0x564D5868
+    statuses = [e for e in traced.of("vmport_dm") if e.num("cmd") == STATUS]
+    assert statuses[0].regs("out")["eax"] == 0xFFFF0000  # STATUS while disabled
+
+
+def test_ioreqs_pair_up_per_server(traced: Traced) -> None:
+    sends, dones = traced.of("ioreq_send"), traced.of("ioreq_complete")
+    assert len(sends) == len(dones) == len(traced.of("vmport_send"))
+    for s, d in zip(sends, dones, strict=True):
+        assert (s.num("sid"), s.num("vcpu"), s.num("type")) == (
+            d.num("sid"), d.num("vcpu"), d.num("type"))
+        assert s.t <= d.t
+
+
+def _hvmport(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "hvmport.cli", *args], capture_output=True,
+                          text=True, timeout=60, check=False)
+
+
+def test_summary_counts(traced: Traced) -> None:
+    calls = traced.calls()
+    n_status = sum(1 for label, _ in calls if label.startswith("STATUS."))
+    n_forwarded = len(calls) - 1
+    proc = _hvmport("trace", "summary", str(traced.path), "--json")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    rows = {(c["cmd"], c["route"]): c for c in doc["commands"]}
+    assert rows[(GETVERSION, "hypervisor")]["count"] == 1
+    assert rows[(STATUS, "round trip")]["count"] == n_status
+    assert rows[(STATUS, "device model")]["count"] == n_status
+    row = rows[(STATUS, "round trip")]
+    assert 0 < row["p50_us"] <= row["p90_us"] <= row["p99_us"] <= row["max_us"]
+    (server,) = doc["servers"]
+    assert server["sync"] == server["dm_served"] == n_forwarded
+    assert server["types"] == {"VMWARE_PORT": n_forwarded}
+    assert {p["role"] for p in doc["processes"]} == {"hypervisor", "device-model"}
+
+    text = _hvmport("trace", "summary", str(traced.path))
+    assert text.returncode == 0, text.stderr
+    lines = text.stdout.splitlines()
+    status_rows = [ln.split() for ln in lines if ln.startswith("ABSPOINTER_STATUS (40)")]
+    assert [(r[2], r[3], r[4]) for r in status_rows] == [
+        ("round", "trip", str(n_status)), ("device", "model", str(n_status))]
+    assert any(ln.startswith("GETVERSION (10)") and ln.split()[3] == "1" for ln in lines)
+
+
+def test_chrome_export(traced: Traced, tmp_path: Path) -> None:
+    out = tmp_path / "vmmouse.json"
+    proc = _hvmport("trace", "export", str(traced.path), "--chrome", str(out))
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(out.read_text())
+    evs = doc["traceEvents"]
+    hv_pid = traced.trace.header.pid
+    (dm_pid,) = {e.pid for e in traced.trace.events} - {hv_pid}
+    names = {e["pid"]: e["args"]["name"] for e in evs if e["name"] == "process_name"}
+    assert names[hv_pid].startswith("hypervisor") and names[dm_pid].startswith("device-model")
+    complete = [e for e in evs if e["ph"] == "X"]
+    by = {(e["pid"], e["name"]) for e in complete}
+    assert (hv_pid, "handled GETVERSION (10)") in by
+    assert (hv_pid, "ioreq_complete VMWARE_PORT ABSPOINTER_STATUS (40)") in by
+    assert (dm_pid, "dm ABSPOINTER_STATUS (40)") in by
+    assert len(complete) == len(traced.of("vmport_handled", "ioreq_complete", "vmport_dm"))
+    assert all(e["dur"] >= 0 and e["ts"] >= 0 and e["tid"] == 0 for e in complete)
+    # The device model's answer lies inside the round trip the vCPU waited for.
+    rt = next(e for e in complete if e["pid"] == hv_pid and "ABSPOINTER_STATUS" in e["name"])
+    dm = next(e for e in complete if e["pid"] == dm_pid and "ABSPOINTER_STATUS" in e["name"])
+    assert rt["ts"] <= dm["ts"] and dm["ts"] + dm["dur"] <= rt["ts"] + rt["dur"]
+    sends = [e for e in evs if e["ph"] == "i" and e["name"].startswith("send ")]
+    assert len(sends) == len(traced.of("vmport_send"))
+    assert sends[0]["args"]["in"]["eax"] == "0x564d5868"
