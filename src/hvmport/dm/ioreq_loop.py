@@ -208,10 +208,10 @@ class IoreqLoop:
         if self.tracer is not None and regs_in is not None:
             # EAX as the guest sees it: an IN loads the value read into AL/AX/EAX, an OUT
             # leaves EAX alone.
-            eax = regs_in["eax"]
+            eax = regs_in[0]
             if req.dir == abi.IOREQ_READ:
                 eax = (eax & ~ones & MASK32) | (value & ones)
-            self.tracer.vmport_dm(vcpu, self.server_id, regs_in["ecx"] & 0xFFFF, regs_in,
+            self.tracer.vmport_dm(vcpu, self.server_id, regs_in[2] & 0xFFFF, regs_in,
                                   regs32(eax, *regs[1:]), time.monotonic_ns() - t0)
         return value & ones
 

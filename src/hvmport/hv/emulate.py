@@ -23,6 +23,7 @@ from hvmport.core.vmport import BackdoorRegs, apply_in
 from hvmport.cpu.base import MmioAccess, PortAccess, Regs, VcpuContext, VcpuStop
 from hvmport.hv.pic import PORTS as PIC_PORTS
 from hvmport.hv.pic import Pic
+from hvmport.trace.recorder import Regs as Regs32
 from hvmport.trace.recorder import Tracer, regs32
 
 DEBUGCON_PORT = 0xE9
@@ -219,7 +220,7 @@ class Emulator:
 _NO_REGS = BackdoorRegs(0, 0, 0, 0, 0, 0)
 
 
-def _regs_in(r: BackdoorRegs) -> dict[str, int]:
+def _regs_in(r: BackdoorRegs) -> Regs32:
     return regs32(r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi)
 
 
