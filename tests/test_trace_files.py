@@ -88,6 +88,8 @@ def test_a_full_buffer_drops_and_counts(tmp_path: Path, monkeypatch: pytest.Monk
         tr.dm_bufioreq(0, 0, 0x80, 1, i)
     dropped = tr.dropped
     assert dropped > 0
+    # At most max_buffered wait in memory (one more batch may be stuck in the write).
+    assert 0 < tr.buffered <= 50
     gate.set()
     tr.close()
     trace = read(path)
@@ -239,3 +241,20 @@ def test_merge_refuses_a_bad_part_and_leaves_the_main_file(tmp_path: Path) -> No
     with pytest.raises(ConfigError, match=r"dm\.jsonl:1"):
         merge(main, part)
     assert main.read_bytes() == before
+
+
+def test_cli_says_what_is_wrong_with_a_file(tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    from hvmport.cli import main
+
+    assert main(["trace", "summary", str(tmp_path / "missing.trace")]) == 2
+    assert "configuration error" in capsys.readouterr().err
+    bad = _file(tmp_path, '{"t": 1, "ev": "vmport_send", "vcpu": 0}')
+    assert main(["trace", "summary", str(bad)]) == 2
+    assert f'{bad}:2: bad line: vmport_send without "sid"' in capsys.readouterr().err
+    good = _file(tmp_path, '{"t": 1, "ev": "trace_dropped", "count": 2}')
+    assert main(["trace", "export", str(good), "--chrome",
+                 str(tmp_path / "no" / "dir.json")]) == 2
+    assert "cannot write Chrome trace" in capsys.readouterr().err
+    assert main(["trace", "summary", str(good)]) == 0
+    assert "WARNING: 2 events were dropped while recording" in capsys.readouterr().out

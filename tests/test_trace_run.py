@@ -172,3 +172,11 @@ def test_chrome_export(traced: Traced, tmp_path: Path) -> None:
     sends = [e for e in evs if e["ph"] == "i" and e["name"].startswith("send ")]
     assert len(sends) == len(traced.of("vmport_send"))
     assert sends[0]["args"]["in"]["eax"] == "0x564d5868"
+
+
+def test_unwritable_trace_file_stops_the_run_before_it_starts(tmp_path: Path) -> None:
+    run = hvmport_run(tmp_path, "--backend", "unicorn", "--kernel", guest("vmmouse"),
+                      "--trace", str(tmp_path / "no" / "such" / "dir.trace"))
+    assert run.status == 2
+    assert "configuration error" in run.stderr and "cannot write trace file" in run.stderr
+    assert run.console == ""

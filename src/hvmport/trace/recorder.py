@@ -1,8 +1,7 @@
 """Recording trace events from the hypervisor and device-model processes.
 
 Convention: a component takes ``tracer: Tracer | None``; None means tracing is off and the
-call site is ``if tracer is not None: tracer.emit(...)``. ``NullTracer`` is there for code
-that prefers to call unconditionally.
+call site is ``if tracer is not None: tracer.vmport_send(...)``, so that off costs one test.
 
 Buffering: an event is the time and a flat tuple of its values, appended to a list under a
 lock; nothing is encoded or written on the caller's thread. A writer thread wakes when
@@ -28,7 +27,7 @@ import threading
 import time
 from collections.abc import Mapping
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any
 
 from hvmport.errors import ConfigError
 from hvmport.trace import reader
@@ -103,14 +102,6 @@ _DM_IOREQ = _template("dm_ioreq", "vcpu", "sid", "type", "addr", "size", "dir", 
 _DM_BUF = _template("dm_bufioreq", "sid", "type", "addr", "size", "data")
 
 
-class TracerLike(Protocol):
-    """What ``Tracer`` and ``NullTracer`` both offer."""
-
-    def emit(self, ev: str, /, **fields: Any) -> None: ...
-    def flush(self) -> None: ...
-    def close(self) -> None: ...
-
-
 class _EventHelpers:
     """The event kinds hvmport defines, one method each (a misspelt field is then a type
     error, not a line the reader refuses). ``dur`` is in nanoseconds and the event's time
@@ -173,34 +164,6 @@ class _EventHelpers:
         self._put(_DM_BUF, (sid, type, addr, size, data))
 
 
-class NullTracer(_EventHelpers):
-    """Tracing off, for callers that would rather not test for None."""
-
-    enabled = False
-    dropped = 0
-    buffered = 0
-    error: OSError | None = None
-
-    def emit(self, ev: str, /, **fields: Any) -> None:
-        pass
-
-    def _put(self, template: str, values: tuple[object, ...]) -> None:
-        pass
-
-    def flush(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-    def __enter__(self) -> NullTracer:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        pass
-
-
 class Tracer(_EventHelpers):
     """Records events of one process into one trace file (see the module docstring).
 
@@ -209,8 +172,6 @@ class Tracer(_EventHelpers):
     given, replaces the stamp. Field values are encoded later on the writer thread: do not
     mutate a dict after passing it.
     """
-
-    enabled = True
 
     def __init__(self, path: str | os.PathLike[str], *, domid: int, pid: int | None = None,
                  role: str | None = None, batch: int = DEFAULT_BATCH,
@@ -288,10 +249,6 @@ class Tracer(_EventHelpers):
         """Events waiting in memory for the writer thread."""
         with self._cond:
             return len(self._buf)
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
 
     # -- writing --------------------------------------------------------------------------
 
