@@ -258,3 +258,30 @@ def test_cli_says_what_is_wrong_with_a_file(tmp_path: Path,
     assert "cannot write Chrome trace" in capsys.readouterr().err
     assert main(["trace", "summary", str(good)]) == 0
     assert "WARNING: 2 events were dropped while recording" in capsys.readouterr().out
+
+
+def test_run_trace_merges_parts_and_turns_problems_into_notes(tmp_path: Path) -> None:
+    from hvmport.hv.tracing import RunTrace
+
+    notes: list[str] = []
+    main = tmp_path / "run.trace"
+    rt = RunTrace.start(str(main), 1, str(tmp_path), notes.append)
+    rt.tracer.vmport_send(0, 0, 40, REGS)
+    with Tracer(rt.part(0), domid=1, pid=4242, role="device-model") as dm:
+        dm.vmport_dm(0, 0, 40, REGS, REGS, dur=10)
+    # A device model killed mid-line: its events before the cut still count.
+    killed = Tracer(rt.part(1), domid=1, pid=4343, role="device-model")
+    killed.vmport_dm(0, 0, 41, REGS, REGS, dur=10)
+    killed.close()
+    with open(killed.path, "a") as f:
+        f.write('{"t": 1, "ev": "vmport_d')
+    rt.part(2)  # never started: no file
+    Path(rt.part(3)).write_text("garbage\n")
+    rt.finish()
+    trace = read(main)
+    assert sorted(e.ev for e in trace.events) == [
+        "trace_part", "trace_part", "vmport_dm", "vmport_dm", "vmport_send"]
+    assert set(trace.processes()) == {os.getpid(), 4242, 4343}
+    assert any("skipped a truncated last line" in n for n in notes)
+    assert any("left out a device model's part" in n and "trace-dm3" in n for n in notes)
+    assert notes[-1] == f"trace: 5 events in {main}"

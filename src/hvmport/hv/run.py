@@ -15,7 +15,6 @@ import shutil
 import tempfile
 import threading
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,7 @@ from hvmport.core.cpuid import hypervisor_leaves
 from hvmport.core.domain import Crash, Domain
 from hvmport.cpu.base import Exit, ExitKind, Mode, StartState, Vcpu, Vm, VmConfig
 from hvmport.cpu.select import select_backend
-from hvmport.errors import ConfigError, HvmportError
+from hvmport.errors import ConfigError
 from hvmport.hv import emulate
 from hvmport.hv.control import ControlServer
 from hvmport.hv.evtchn import Channel
@@ -36,9 +35,8 @@ from hvmport.hv.lifecycle import Ending, EndRequest, Lifecycle
 from hvmport.hv.memory import GuestMemory, check_memory_mib
 from hvmport.hv.pic import Pic
 from hvmport.hv.shmem import MemfdPages
+from hvmport.hv.tracing import RunTrace
 from hvmport.hv.wait import DeviceModelWaiter
-from hvmport.trace.reader import TraceWarning
-from hvmport.trace.recorder import Tracer, merge
 
 MAX_VCPUS = 128
 #: The toolstack destroyed the domain (even, like the other statuses of a run).
@@ -154,7 +152,8 @@ def run(config: RunConfig, clock: Clock | None = None) -> RunResult:
     lifecycle = config.lifecycle or Lifecycle()
     with GuestMemory(config.memory_mib) as memory, _run_dir() as rundir, \
             contextlib.ExitStack() as stack:
-        tracing = Tracing.start(config, rundir) if config.trace else None
+        tracing = (RunTrace.start(config.trace, config.domid, rundir, config.note)
+                   if config.trace else None)
         if tracing is not None:
             # Registered first, so it runs last: once every device model has ended.
             stack.callback(tracing.finish)
@@ -216,47 +215,6 @@ def run(config: RunConfig, clock: Clock | None = None) -> RunResult:
         status, reason, ending = _drive([vcpus[i] for i in runnable], emulator,
                                         config.timeout, events, lifecycle)
     return RunResult(status, reason, backend.name, ending)
-
-
-@dataclass(slots=True)
-class Tracing:
-    """The run's trace: this process's recorder, and one file per device model of ours,
-    merged into the main file when the run ends (they share CLOCK_MONOTONIC)."""
-
-    path: str
-    tracer: Tracer
-    rundir: str
-    note: Callable[[str], None]
-    parts: list[str] = field(default_factory=list)
-
-    @classmethod
-    def start(cls, config: RunConfig, rundir: str) -> Tracing:
-        assert config.trace is not None
-        tracer = Tracer(config.trace, domid=config.domid, role="hypervisor")
-        return cls(config.trace, tracer, rundir, config.note)
-
-    def part(self, index: int) -> str:
-        path = os.path.join(self.rundir, f"trace-dm{index}.jsonl")
-        self.parts.append(path)
-        return path
-
-    def finish(self) -> None:
-        self.tracer.close()
-        if self.tracer.error is not None:
-            self.note(f"trace: writing {self.path} failed: {self.tracer.error.strerror}")
-        parts = [p for p in self.parts if os.path.exists(p)]
-        try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always", TraceWarning)
-                count = merge(self.path, *parts)
-        except HvmportError as e:
-            self.note(f"trace: {e}; {self.path} holds the hypervisor's events only")
-            return
-        for w in caught:
-            self.note(f"trace: {w.message}")
-        dropped = self.tracer.dropped
-        self.note(f"trace: {count} events in {self.path}"
-                  + (f" ({dropped} dropped)" if dropped else ""))
 
 
 def _irq_sink(vm: Vm) -> Callable[[int, int], None] | None:
