@@ -180,3 +180,75 @@ def test_unwritable_trace_file_stops_the_run_before_it_starts(tmp_path: Path) ->
     assert run.status == 2
     assert "configuration error" in run.stderr and "cannot write trace file" in run.stderr
     assert run.console == ""
+
+
+#: The commands v14's hypervisor answers itself.
+HV_COMMANDS = {"GETMHZ", "GETVERSION", "GETHWVERSION", "GETTIME", "GETHZ", "GETTIMEFULL"}
+
+
+def _battery_calls(run: Run) -> list[tuple[str, dict[str, int]]]:
+    """Every backdoor call of the battery, in order, with the low halves it printed (the
+    '~ ' line has the real values where the plain line masks varying ones)."""
+    calls: list[tuple[str, dict[str, int]]] = []
+    for line in run.lines(raw=True):
+        raw = line.startswith("~ ")
+        m = LINE.match(line[2:] if raw else line)
+        if not m or "=" not in m.group(3):
+            continue
+        regs = {("e" + k[1:]): int(v[-8:], 16) for k, v in
+                (kv.split("=", 1) for kv in m.group(3).split()) if "*" not in v[-8:]}
+        label = f"{m.group(1)} {m.group(2)}"
+        if raw:
+            assert calls[-1][0] == label
+            calls[-1] = (label, regs)
+        else:
+            calls.append((label, regs))
+    return calls
+
+
+def _expected(label: str) -> tuple[str, int] | None:
+    """What the hypervisor should record for a battery label: (event, port), or None for
+    an access that is not a backdoor access at all (plain port I/O)."""
+    name = label.split()[1]
+    op, _, at = name.rpartition(".")[2].partition("@")
+    port, size = (int(at, 16) if at else 0x5658), int(op[-1])
+    if not (port >= 0x5658 and port + size <= 0x565C):
+        return None
+    if name.startswith("magic."):
+        return "vmport_ignored magic", port
+    if port != 0x5658:
+        return "vmport_ignored port", port
+    if name.split(".")[0] in HV_COMMANDS:
+        return "vmport_handled", port
+    return "vmport_send", port
+
+
+def test_battery_trace_handled_ignored_and_sent(backend: str, tmp_path: Path) -> None:
+    """All three routes of patch 8/8 in 16-, 32- and 64-bit code: wrong magic and the
+    narrow accesses to the other three ports are IGNORED, v14's commands HANDLED with the
+    registers the guest then printed, the rest SENT and answered by the device model."""
+    path = tmp_path / "battery.trace"
+    run = hvmport_run(tmp_path, "--backend", backend, "--kernel", guest("battery"),
+                      "--trace", str(path))
+    assert run.status == 1, run.stderr
+    trace = read(path)
+    calls = _battery_calls(run)
+    hv = [e for e in trace.events
+          if e.ev in ("vmport_handled", "vmport_send", "vmport_ignored")]
+    want = [(label, _expected(label)) for label, _ in calls]
+    got = [(e.ev + (f" {e.data['why']}" if e.ev == "vmport_ignored" else ""), e.num("port")
+            if e.ev == "vmport_ignored" else 0x5658) for e in hv]
+    assert got == [w for _, w in want if w is not None]
+    assert {w[0] for _, w in want if w is not None} == {
+        "vmport_handled", "vmport_send", "vmport_ignored magic", "vmport_ignored port"}
+    answers = iter(e for e in trace.events if e.ev == "vmport_dm")
+    traced_calls = iter(e for e in hv)
+    for label, printed in calls:
+        if _expected(label) is None:
+            continue
+        e = next(traced_calls)
+        out = e.regs("out") if e.ev == "vmport_handled" else (
+            next(answers).regs("out") if e.ev == "vmport_send" else None)
+        if out is not None:
+            assert {k: out[k] for k in printed} == printed, label
+    assert next(answers, None) is None
