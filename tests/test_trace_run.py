@@ -252,3 +252,44 @@ def test_battery_trace_handled_ignored_and_sent(backend: str, tmp_path: Path) ->
         if out is not None:
             assert {k: out[k] for k in printed} == printed, label
     assert next(answers, None) is None
+
+
+def test_two_vcpus_two_tracks(backend: str, tmp_path: Path) -> None:
+    """smp.S: each vCPU makes 64 rounds of GETVERSION (hypervisor) and command 0x7777
+    (device model); every event names its vCPU, the DM's answers go to the right vCPU's
+    slot, and the Chrome export has a track per vCPU in both processes."""
+    from hvmport import guests
+
+    path = tmp_path / "smp.trace"
+    run = hvmport_run(tmp_path, "--backend", backend, "--kernel", guest("smp", "flat32"),
+                      "--mode", "32", "--load-addr", hex(guests.flat_address("flat32")),
+                      "--vcpus", "2", "--smp-entry", "--trace", str(path))
+    assert run.status == 1, (run.console, run.stderr)
+    trace = read(path)
+    for vcpu in (0, 1):
+        mine = [e for e in trace.events if e.opt_int("vcpu") == vcpu]
+        handled = [e for e in mine if e.ev == "vmport_handled"]
+        sent = [e for e in mine if e.ev == "vmport_send"]
+        answered = [e for e in mine if e.ev == "vmport_dm"]
+        assert len(handled) == len(sent) == len(answered) == 64
+        assert {e.num("cmd") for e in handled} == {GETVERSION}
+        assert {e.num("cmd") for e in sent} == {0x7777}
+        # The device model saw each vCPU's own registers (smp.S derives them from its id).
+        assert [e.regs("in") for e in sent] == [e.regs("in") for e in answered]
+    assert {e.regs("in")["esi"] for e in trace.events if e.ev == "vmport_send"
+            and e.num("vcpu") == 0}.isdisjoint(
+        {e.regs("in")["esi"] for e in trace.events if e.ev == "vmport_send"
+         and e.num("vcpu") == 1})
+    out = tmp_path / "smp.json"
+    assert _hvmport("trace", "export", str(path), "--chrome", str(out)).returncode == 0
+    evs = json.loads(out.read_text())["traceEvents"]
+    tracks = {(e["pid"], e["args"]["name"]) for e in evs if e["name"] == "thread_name"}
+    pids = {e.pid for e in trace.events}
+    assert len(pids) == 2
+    # Besides the vCPUs, only the device model's start (trace_part) is on no vCPU's track.
+    assert {t for t in tracks if t[1] != "ring/process"} == {
+        (pid, f"vCPU {v}") for pid in pids for v in (0, 1)}
+    summary = json.loads(_hvmport("trace", "summary", str(path), "--json").stdout)
+    rows = {(c["cmd"], c["route"]): c["count"] for c in summary["commands"]}
+    assert rows == {(GETVERSION, "hypervisor"): 128, (0x7777, "round trip"): 128,
+                    (0x7777, "device model"): 128}
