@@ -183,6 +183,7 @@ def _header(obj: object, path: str) -> Header:
                           f"version {VERSION})", path=path, line=1)
     pid, domid, t, wall = obj.get("pid"), obj.get("domid"), obj.get("t"), obj.get("wall")
     clock = obj.get("clock")
+    # isinstance as well as _is_int: mypy narrows on the former only.
     if not (isinstance(pid, int) and isinstance(domid, int) and isinstance(t, int)
             and _is_int(pid) and _is_int(domid) and _is_int(t) and isinstance(clock, str)
             and isinstance(wall, int | float) and not isinstance(wall, bool)):
