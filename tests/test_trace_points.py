@@ -275,3 +275,24 @@ def test_buffered_writes_both_ends(traced: Traced, tmp_path: Path) -> None:
     (drained,) = read(dm_path).events
     assert (drained.ev, drained.num("sid"), drained.num("addr"), drained.num("data")) == (
         "dm_bufioreq", dm.sid, 0x512, 0xCAFE)
+
+
+def test_a_crash_while_waiting_is_in_the_trace(tmp_path: Path) -> None:
+    from hvmport.hv.emulate import DomainCrashed
+
+    d, _ = make_domain()
+    sid = enabled_server(d)
+
+    def hung(vcpu: int, port: int, regs: BackdoorRegs, what: str) -> IoResult:
+        # What the waiter does at its deadline.
+        d.crash("device model did not answer")
+        return d.poll(vcpu, regs)
+
+    path = tmp_path / "t.jsonl"
+    em = Emulator(d, None, waiter=hung, tracer=Tracer(path, domid=1))
+    with pytest.raises(DomainCrashed):
+        backdoor(em, 0, rcx=STATUS)
+    send, ioreq, done = events(em, path)
+    assert (send.ev, ioreq.ev, done.ev) == ("vmport_send", "ioreq_send", "ioreq_complete")
+    assert done.num("sid") == sid and done.data["why"] == "device model did not answer"
+    assert done.opt_int("cmd") == STATUS and "out" not in done.data
