@@ -7,12 +7,13 @@ Buffering: an event is the time and a flat tuple of its values, appended to a li
 lock; nothing is encoded or written on the caller's thread. A writer thread wakes when
 ``batch`` events are waiting or every ``flush_interval`` seconds, takes the whole list,
 formats it as JSON Lines and writes it with one ``write`` call sequence. The event kinds
-hvmport defines (the methods below) are formatted from a per-kind template with ``%``,
-several times cheaper than a JSON encoder, which matters because the writer shares the GIL
-with the vCPU threads; ``emit`` takes any other event, JSON-encoded. At most ``max_buffered`` events
-wait in memory: past that ``emit`` drops the event and counts it, because a vCPU must never
-wait for the disk (xentrace loses records the same way). Events that a failed write (disk
-full) could not store are counted too; ``close`` then appends one
+hvmport defines (the methods below) are formatted from a per-kind ``%`` template, several
+times cheaper than a JSON encoder, which matters because the writer shares the GIL with the
+vCPU threads; ``emit`` takes any other event, JSON-encoded.
+
+At most ``max_buffered`` events wait in memory: past that an event is dropped and counted,
+because a vCPU must never wait for the disk (xentrace loses records the same way). Events
+that a failed write (disk full) could not store are counted too; ``close`` then appends one
 ``{"ev": "trace_dropped", "count": N}`` line.
 """
 
