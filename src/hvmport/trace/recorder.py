@@ -85,8 +85,15 @@ def _template(ev: str, *names: str) -> str:
     return "".join(parts)
 
 
+_quoted: dict[str, str] = {}
+
+
 def _quote(text: str) -> str:
-    return json.dumps(text, ensure_ascii=False)
+    """A JSON string literal; the few reasons and statuses there are, encoded once each."""
+    quoted = _quoted.get(text)
+    if quoted is None:
+        quoted = _quoted[text] = json.dumps(text, ensure_ascii=False)
+    return quoted
 
 
 _HANDLED = _template("vmport_handled", "vcpu", "cmd", "dur", "in", "out")
@@ -187,7 +194,10 @@ class Tracer(_EventHelpers):
         self._batch = batch
         self._max = max_buffered
         self._interval = flush_interval
-        self._cond = threading.Condition(threading.Lock())
+        #: The buffer's lock; the hot path takes it directly (a Condition's own
+        #: ``with`` adds a Python-level call per event).
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         #: (t, template, values) for the kinds above, (t, None, (ev, fields)) for emit's.
         self._buf: list[tuple[int, str | None, tuple[Any, ...]]] = []
         self._dropped = 0
@@ -223,7 +233,7 @@ class Tracer(_EventHelpers):
     # -- hot path -------------------------------------------------------------------------
 
     def _put(self, template: str | None, values: tuple[Any, ...]) -> None:
-        with self._cond:
+        with self._lock:
             if self._closed:
                 return
             buf = self._buf
