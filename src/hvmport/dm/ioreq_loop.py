@@ -18,13 +18,17 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol, TextIO
+from typing import TYPE_CHECKING, Protocol, TextIO
 
 from hvmport.abi import ioreq as abi
 from hvmport.core import bufring, slots
 from hvmport.dm.client import EventChannel
 from hvmport.hv import evtchn
-from hvmport.trace.recorder import Tracer, regs32
+
+if TYPE_CHECKING:
+    # Only for annotations: a device model that does not trace never imports the tracer
+    # (its start-up time is how long the hypervisor waits for it).
+    from hvmport.trace.recorder import Regs, Tracer
 
 MASK32 = 0xFFFFFFFF
 
@@ -200,7 +204,7 @@ class IoreqLoop:
             return ones
         vr = abi.VmwareRegs.unpack(self.vmport_page, off)
         regs = [req.data & MASK32, vr.ebx, vr.ecx, vr.edx, vr.esi, vr.edi]
-        regs_in = regs32(*regs) if self.tracer is not None else None
+        regs_in = _regs32(regs) if self.tracer is not None else None
         value = self.vmport(regs, req.dir == abi.IOREQ_WRITE, req.size)
         self.vmport_page[off:off + abi.VMWARE_REGS_SIZE] = abi.VmwareRegs(
             regs[4] & MASK32, regs[5] & MASK32, regs[1] & MASK32, regs[2] & MASK32,
@@ -212,7 +216,7 @@ class IoreqLoop:
             if req.dir == abi.IOREQ_READ:
                 eax = (eax & ~ones & MASK32) | (value & ones)
             self.tracer.vmport_dm(vcpu, self.server_id, regs_in[2] & 0xFFFF, regs_in,
-                                  regs32(eax, *regs[1:]), time.monotonic_ns() - t0)
+                                  _regs32([eax, *regs[1:]]), time.monotonic_ns() - t0)
         return value & ones
 
     def _guest_span(self, vcpu: int, req: abi.IoReq) -> mmap.mmap | None:
@@ -258,3 +262,8 @@ class IoreqLoop:
                                    int.from_bytes(mem[at:at + req.size], "little"))
         return None
 
+
+def _regs32(regs: list[int]) -> Regs:
+    """A trace payload (``recorder.regs32``) from the handler's eax..edi list."""
+    return (regs[0] & MASK32, regs[1] & MASK32, regs[2] & MASK32, regs[3] & MASK32,
+            regs[4] & MASK32, regs[5] & MASK32)

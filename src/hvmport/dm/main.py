@@ -20,7 +20,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from hvmport import atomic
 from hvmport.abi import dm_op as dmop
@@ -37,7 +37,9 @@ from hvmport.dm.ioreq_loop import IoreqLoop
 from hvmport.dm.monitor import Monitor
 from hvmport.dm.qmp_server import QmpServer
 from hvmport.errors import ConfigError, HvmportError
-from hvmport.trace.recorder import Tracer
+
+if TYPE_CHECKING:
+    from hvmport.trace.recorder import Tracer
 
 PR_SET_PDEATHSIG = 1
 BUFIOREQ = {"off": dmop.HVM_IOREQSRV_BUFIOREQ_OFF,
@@ -126,6 +128,8 @@ class DeviceModelProcess:
         self._serial = self._open_serial(args.serial)
         self.tracer: Tracer | None = None
         if args.trace:
+            from hvmport.trace.recorder import Tracer
+
             self.tracer = Tracer(args.trace, domid=self.domid, role="device-model")
 
     # ------------------------------------------------------------------ devices
