@@ -60,7 +60,8 @@ class Emulator:
                  domain_lock: threading.Lock | None = None,
                  tracer: Tracer | None = None) -> None:
         self.domain = domain
-        #: Where trace events go; None (tracing off) costs one test per forwarded access.
+        #: Where trace events go; None (tracing off) costs an ``is not None`` test or two
+        #: per access.
         self.tracer = tracer
         self.console = console
         #: How a vCPU waits for a device model; None until a transport is attached.
