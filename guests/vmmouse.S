@@ -6,8 +6,10 @@
 # and vmmouse answer. Output uses the battery's line format (battery.S), section "p32".
 #
 # Sections:
-#   1. machine commands: GETRAMSIZE, GETBIOSUUID, GET_VCPU_INFO, and commands nobody
-#      implements (GETBUILDNUM, MESSAGE, GETTIMEFULL_WITH_LAG, STEALCLOCK, ...);
+#   1. machine commands: GETVERSION (the probe a vmmouse client such as Linux's driver
+#      makes first; under hvmport the hypervisor answers it), GETRAMSIZE, GETBIOSUUID,
+#      GET_VCPU_INFO, and commands nobody implements (GETBUILDNUM, MESSAGE,
+#      GETTIMEFULL_WITH_LAG, STEALCLOCK, ...);
 #   2. vmmouse: STATUS while disabled, READ_ID, STATUS, DATA(1) = the version,
 #      REQUEST_ABSOLUTE, the DATA errors that disable the mouse (0, 7, more than queued),
 #      re-enabling with READ_ID, REQUEST_RELATIVE, an unknown sub-command, DISABLE, OUT
@@ -35,6 +37,7 @@
 main:
     LINE "vmmouse begin"
     # --- 1. machine commands -----------------------------------------------------------
+    BD GETVERSION.in4, ecx=CMD_GETVERSION
     BD GETRAMSIZE.in4, ecx=CMD_GETRAMSIZE
     BD GETBIOSUUID.in4, ecx=CMD_GETBIOSUUID
     BD GET_VCPU_INFO.in4, ecx=CMD_GET_VCPU_INFO

@@ -92,6 +92,8 @@ class Results:
             "hv_kvm/floor_c": ("hv_kvm", "floor_c"),
             "dm_kvm_regs-page/qemu_kvm": ("dm_kvm_regs-page", "qemu_kvm"),
             "dm_unicorn/floor_unicorn": ("dm_unicorn", "floor_unicorn"),
+            "hv_kvm_traced/hv_kvm": ("hv_kvm_traced", "hv_kvm"),
+            "dm_kvm_traced/dm_kvm_regs-page": ("dm_kvm_traced", "dm_kvm_regs-page"),
         }
         out = {}
         for name, (a, b) in pairs.items():
@@ -296,6 +298,15 @@ def run_benchmarks(quick: bool = False, progress: Callable[[str], None] = lambda
             ("hv_unicorn", lambda: _per_call(_hvmport("unicorn", "--no-device-model"), uc_v,
                                              n_uc), None),
             ("dm_unicorn", lambda: _per_call(_hvmport("unicorn"), uc_s, n_uc), None),
+        ]
+        # The same two KVM runs with --trace: what recording every event costs a call.
+        trace_file = str(Path(tmp, "bench.trace"))
+        plan += [
+            ("hv_kvm_traced", lambda: _per_call(
+                _hvmport("kvm", "--no-device-model", "--trace", trace_file), kvm_v, n_kvm),
+             kvm_reason),
+            ("dm_kvm_traced", lambda: _per_call(_hvmport("kvm", "--trace", trace_file), kvm_s,
+                                                n_kvm), kvm_reason),
         ]
         no_qemu = None if qemu else "qemu-system-x86_64 not installed"
         plan.append(("qemu_kvm", lambda: _per_call(_qemu("kvm"), kvm_v, n_kvm),

@@ -68,6 +68,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
            for ports in args.secondary_dm],
         spin_us=args.spin_us, dm_timeout=args.dm_timeout,
         dm_program=shlex.split(args.dm_program) if args.dm_program else None,
+        trace=args.trace,
     )
     try:
         result = run(config)
@@ -159,6 +160,45 @@ def _add_toolstack(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         p = sub.add_parser(verb, help=text, description=text[0].upper() + text[1:] + ".")
         p.add_argument("domain", metavar="DOMAIN", help="domain name or id")
         p.set_defaults(func=_cmd_domain)
+def _cmd_trace_summary(args: argparse.Namespace) -> int:
+    from hvmport.trace import reader, summary
+
+    result = summary.summarize(reader.read(args.file))
+    if args.json:
+        json.dump(result.as_json(), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(result.table())
+    return 0
+
+
+def _cmd_trace_export(args: argparse.Namespace) -> int:
+    from hvmport.trace import chrome, reader
+
+    count = chrome.write(reader.read(args.file), args.chrome)
+    print(f"hvmport: {count} trace events written to {args.chrome}", file=sys.stderr)
+    return 0
+
+
+def _add_trace_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    trace = sub.add_parser("trace", help="summarise or export a trace file (run --trace)",
+                           description="Read a trace file written by `hvmport run --trace "
+                           "FILE` (format: docs/tracing.md).")
+    verbs = trace.add_subparsers(dest="trace_command", metavar="VERB")
+    verbs.required = True
+    summ = verbs.add_parser("summary", help="counts and latency percentiles per command and "
+                            "per server", description="Counts and latency percentiles "
+                            "(p50/p90/p99/max) per backdoor command and per ioreq server.")
+    summ.add_argument("file", metavar="FILE")
+    summ.add_argument("--json", action="store_true", help="machine-readable output")
+    summ.set_defaults(func=_cmd_trace_summary)
+    export = verbs.add_parser("export", help="write a timeline for Perfetto / chrome://tracing",
+                              description="Convert a trace to the Chrome trace event format "
+                              "(JSON), which Perfetto and chrome://tracing open.")
+    export.add_argument("file", metavar="FILE")
+    export.add_argument("--chrome", required=True, metavar="OUT.json",
+                        help="where to write the Chrome trace")
+    export.set_defaults(func=_cmd_trace_export)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -227,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "(default 10)")
     run.add_argument("--spin-us", type=float, default=100.0, metavar="US",
                      help="spin on a forwarded request this long before blocking (default 100)")
+    run.add_argument("--trace", metavar="FILE",
+                     help="record the backdoor's and the ioreq servers' events, with the "
+                     "device models', into FILE (see `hvmport trace`)")
     run.set_defaults(func=_cmd_run)
 
     bench = sub.add_parser(
@@ -244,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--only", metavar="NAMES", help="comma-separated scenario names")
     bench.set_defaults(func=_cmd_bench)
     _add_toolstack(sub)
+    _add_trace_parser(sub)
     return parser
 
 

@@ -124,6 +124,8 @@ class IoResult:
     ioreq_type: int | None = None
     command: int | None = None
     reason: str = ""
+    #: The request as posted to the server's slot (WAIT results), for tracing.
+    request: abi.IoReq | None = None
 
 
 @dataclass(slots=True)
@@ -598,7 +600,7 @@ class Domain:
             return self._crashed()
         self.pending[vcpu] = Pending(server.id, req, slots.Waiter(vcpu, req), access)
         return IoResult(IoStatus.WAIT, Route.SERVER, notify=server.vcpu_ports[vcpu],
-                        server=server.id, ioreq_type=req.type)
+                        server=server.id, ioreq_type=req.type, request=req)
 
     def poll(self, vcpu: int, regs: BackdoorRegs,
              reissue: tuple[int, int, bool] | None = None) -> IoResult:

@@ -18,12 +18,17 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol, TextIO
+from typing import TYPE_CHECKING, Protocol, TextIO
 
 from hvmport.abi import ioreq as abi
 from hvmport.core import bufring, slots
 from hvmport.dm.client import EventChannel
 from hvmport.hv import evtchn
+
+if TYPE_CHECKING:
+    # Only for annotations: a device model that does not trace never imports the tracer
+    # (its start-up time is how long the hypervisor waits for it).
+    from hvmport.trace.recorder import Regs, Tracer
 
 MASK32 = 0xFFFFFFFF
 
@@ -70,6 +75,9 @@ class IoreqLoop:
     watch_providers: list[Callable[[], dict[int, Callable[[], bool]]]] = field(
         default_factory=list)
     stats: Stats = field(default_factory=Stats)
+    #: Where trace events go (None: off), and the server id they name.
+    tracer: Tracer | None = None
+    server_id: int = 0
 
     def __post_init__(self) -> None:
         self._slots = memoryview(self.ioreq_page)
@@ -86,7 +94,10 @@ class IoreqLoop:
             if slots.read_state(self._slots, vcpu) == abi.STATE_IOREQ_READY:
                 req = slots.take(self._slots, vcpu)
                 if req is not None:
-                    data = self._handle(vcpu, req)
+                    if self.tracer is None:
+                        data = self._handle(vcpu, req)
+                    else:
+                        data = self._traced(self.tracer, vcpu, req)
                     slots.respond(self._slots, vcpu, data)
                     self.channels[vcpu].notify()
                     did = True
@@ -94,6 +105,9 @@ class IoreqLoop:
             try:
                 for write in self._consumer.drain():
                     self.stats.buffered += 1
+                    if self.tracer is not None:
+                        self.tracer.dm_bufioreq(self.server_id, write.type, write.addr,
+                                                write.size, write.data)
                     if write.type == abi.IOREQ_TYPE_PIO and write.addr <= 0xFFFF:
                         self.devices.write(write.addr, write.size, write.data)
                     did = True
@@ -135,6 +149,16 @@ class IoreqLoop:
         self.stats.rejected += 1
         print(f"hvmport-dm: rejected: {why}", file=self.log, flush=True)
 
+    def _traced(self, tracer: Tracer, vcpu: int, req: abi.IoReq) -> int | None:
+        # VMWARE_PORT requests are traced inside _vmport, where the registers are.
+        if req.type in self.vmport_types:
+            return self._handle(vcpu, req)
+        t0 = time.monotonic_ns()
+        data = self._handle(vcpu, req)
+        tracer.dm_ioreq(vcpu, self.server_id, req.type, req.addr, req.size, req.dir,
+                        req.data if data is None else data, time.monotonic_ns() - t0)
+        return data
+
     def _handle(self, vcpu: int, req: abi.IoReq) -> int | None:
         self.stats.requests += 1
         ones = slots.size_mask(req.size) if req.size in (1, 2, 4, 8) else MASK32
@@ -173,16 +197,26 @@ class IoreqLoop:
             self._reject(f"vCPU {vcpu}: VMWARE_PORT request this device model cannot serve")
             return ones
         self.stats.vmport += 1
+        t0 = time.monotonic_ns() if self.tracer is not None else 0
         off = vcpu * abi.VMWARE_REGS_SIZE
         if off + abi.VMWARE_REGS_SIZE > len(self.vmport_page):
             self._reject(f"vCPU {vcpu}: beyond the vmport registers page")
             return ones
         vr = abi.VmwareRegs.unpack(self.vmport_page, off)
         regs = [req.data & MASK32, vr.ebx, vr.ecx, vr.edx, vr.esi, vr.edi]
+        regs_in = _regs32(regs) if self.tracer is not None else None
         value = self.vmport(regs, req.dir == abi.IOREQ_WRITE, req.size)
         self.vmport_page[off:off + abi.VMWARE_REGS_SIZE] = abi.VmwareRegs(
             regs[4] & MASK32, regs[5] & MASK32, regs[1] & MASK32, regs[2] & MASK32,
             regs[3] & MASK32).pack()
+        if self.tracer is not None and regs_in is not None:
+            # EAX as the guest sees it: an IN loads the value read into AL/AX/EAX, an OUT
+            # leaves EAX alone.
+            eax = regs_in[0]
+            if req.dir == abi.IOREQ_READ:
+                eax = (eax & ~ones & MASK32) | (value & ones)
+            self.tracer.vmport_dm(vcpu, self.server_id, regs_in[2] & 0xFFFF, regs_in,
+                                  _regs32([eax, *regs[1:]]), time.monotonic_ns() - t0)
         return value & ones
 
     def _guest_span(self, vcpu: int, req: abi.IoReq) -> mmap.mmap | None:
@@ -228,3 +262,8 @@ class IoreqLoop:
                                    int.from_bytes(mem[at:at + req.size], "little"))
         return None
 
+
+def _regs32(regs: list[int]) -> Regs:
+    """A trace payload (``recorder.regs32``) from the handler's eax..edi list."""
+    return (regs[0] & MASK32, regs[1] & MASK32, regs[2] & MASK32, regs[3] & MASK32,
+            regs[4] & MASK32, regs[5] & MASK32)

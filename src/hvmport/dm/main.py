@@ -22,7 +22,7 @@ import signal
 import socket
 import sys
 from collections.abc import Callable, Sequence
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from hvmport import atomic
 from hvmport.abi import dm_op as dmop
@@ -41,6 +41,9 @@ from hvmport.dm.qmp import Json
 from hvmport.dm.qmp import event as qmp_event
 from hvmport.dm.qmp_server import QmpServer
 from hvmport.errors import ConfigError, HvmportError
+
+if TYPE_CHECKING:
+    from hvmport.trace.recorder import Tracer
 
 PR_SET_PDEATHSIG = 1
 BUFIOREQ = {"off": dmop.HVM_IOREQSRV_BUFIOREQ_OFF,
@@ -131,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--qmp", metavar="PATH", help="serve QMP on this Unix socket")
     p.add_argument("--spin-us", type=float, default=100.0,
                    help="spin on the slots this long after work before blocking")
+    p.add_argument("--trace", metavar="FILE",
+                   help="record trace events (docs/tracing.md) into FILE")
     return p
 
 
@@ -159,6 +164,11 @@ class DeviceModelProcess:
             self._serial = self._open_serial(args.serial)
         self.serve_vmport = (not args.disable_vmport
                              and args.machine.get("vmport", "on") != "off")
+        self.tracer: Tracer | None = None
+        if args.trace:
+            from hvmport.trace.recorder import Tracer
+
+            self.tracer = Tracer(args.trace, domid=self.domid, role="device-model")
 
     # ------------------------------------------------------------------ devices
 
@@ -284,6 +294,7 @@ class DeviceModelProcess:
             vmport_page=vmport_page, buf_page=buf_page, buf_channel=buf_channel,
             guest_memory=guest, vmport_types=vmport_types, spin_us=args.spin_us,
             add32=atomic.add32, watch={c.fileno(): self._hypervisor_gone},
+            tracer=self.tracer, server_id=sid,
         )
         if self._console is not None:
             loop.watch_providers.append(self._console_watch)
@@ -350,10 +361,18 @@ def _uuid_bytes(text: str) -> bytes:
     return raw
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: Sequence[str] | None = None,
          ready: Callable[[], None] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _die_with_parent()
+    if args.trace:
+        # A SIGTERM (our parent died, or insisted) unwinds through the finally below, so
+        # the events still buffered reach the trace file.
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         dm = DeviceModelProcess(args)
         loop = dm.start()
@@ -365,6 +384,10 @@ def main(argv: Sequence[str] | None = None,
         os.close(args.ready_fd)
     if ready is not None:
         ready()
-    with contextlib.suppress(KeyboardInterrupt):
-        loop.run()
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            loop.run()
+    finally:
+        if dm.tracer is not None:
+            dm.tracer.close()
     return 0

@@ -11,15 +11,20 @@ Ports the hypervisor itself serves, as Xen and QEMU do for test guests:
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from typing import Protocol
 
-from hvmport.core.domain import Domain, IoResult, IoStatus
+from hvmport.abi import vmware as vm
+from hvmport.core.bufring import Send
+from hvmport.core.domain import VMPORT_TYPES, Domain, IoResult, IoStatus, Route
 from hvmport.core.slots import size_mask
 from hvmport.core.vmport import BackdoorRegs, apply_in
 from hvmport.cpu.base import MmioAccess, PortAccess, Regs, VcpuContext, VcpuStop
 from hvmport.hv.pic import PORTS as PIC_PORTS
 from hvmport.hv.pic import Pic
+from hvmport.trace.recorder import Regs as Regs32
+from hvmport.trace.recorder import Tracer, regs32
 
 DEBUGCON_PORT = 0xE9
 DEBUG_EXIT_PORT = 0xF4
@@ -60,8 +65,12 @@ class Emulator:
 
     def __init__(self, domain: Domain, console: ConsoleSink | None,
                  waiter: Waiter | None = None, pic: Pic | None = None,
-                 domain_lock: threading.Lock | None = None) -> None:
+                 domain_lock: threading.Lock | None = None,
+                 tracer: Tracer | None = None) -> None:
         self.domain = domain
+        #: Where trace events go; None (tracing off) costs an ``is not None`` test or two
+        #: per access.
+        self.tracer = tracer
         self.console = console
         #: How a vCPU waits for a device model; None until a transport is attached.
         self.waiter = waiter
@@ -114,6 +123,8 @@ class Emulator:
                 self.pic.set_irq(irq, level)
 
     def _single(self, ctx: VcpuContext, access: PortAccess) -> bytes | None:
+        tracer = self.tracer
+        t0 = time.monotonic_ns() if tracer is not None else 0
         # Registers are only needed for the backdoor; skip fetching them otherwise.
         in_backdoor = 0x5658 <= access.port <= 0x565B and self.domain.vmware_port
         regs = ctx.get_regs() if in_backdoor else None
@@ -123,6 +134,8 @@ class Emulator:
         with self.domain_lock:
             result = self.domain.pio(ctx.vcpu_id, access.port, access.size, access.is_write,
                                      value, bregs, cpl)
+        if tracer is not None and in_backdoor:
+            _trace_backdoor(tracer, ctx.vcpu_id, access, bregs, result, t0)
         if result.status is IoStatus.WAIT:
             result = self._wait(ctx.vcpu_id, result, bregs, f"port {access.port:#x}")
         if result.status is IoStatus.CRASHED:
@@ -175,15 +188,70 @@ class Emulator:
             return None
         return _read_bytes(result, access.size)
 
+    def send_buffered(self, sid: int, ioreq_type: int, addr: int, size: int,
+                      data: int) -> tuple[Send, int | None]:
+        """Queue a write on a server's buffered ring (the core, under the domain lock);
+        returns the status and the event-channel port to notify, as the core does."""
+        with self.domain_lock:
+            status, port = self.domain.send_buffered(sid, ioreq_type, addr, size, data)
+        if self.tracer is not None:
+            self.tracer.bufioreq_send(sid, ioreq_type, addr, size, data, status.value)
+        return status, port
+
     def _wait(self, vcpu: int, result: IoResult, regs: BackdoorRegs, what: str) -> IoResult:
         if self.waiter is None or result.notify is None:
             self.domain.crash("request forwarded to an ioreq server with no transport",
                               "hypervisor")
             return IoResult(IoStatus.CRASHED, reason="no device-model transport")
-        return self.waiter(vcpu, result.notify, regs, what)
+        tracer = self.tracer
+        req = result.request
+        if tracer is None or req is None:
+            return self.waiter(vcpu, result.notify, regs, what)
+        sid = -1 if result.server is None else result.server
+        tracer.ioreq_send(vcpu, sid, req.type, req.addr, req.size, req.dir, req.count,
+                          req.data)
+        t_send = time.monotonic_ns()
+        done = self.waiter(vcpu, result.notify, regs, what)
+        dur = time.monotonic_ns() - t_send
+        data = req.data if done.value is None else done.value
+        is_vmport = req.type in VMPORT_TYPES
+        out = None
+        if is_vmport and done.regs is not None:
+            r = done.regs
+            rax = regs.rax if done.value is None else apply_in(regs.rax, done.value, req.size)
+            out = regs32(rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi)
+        tracer.ioreq_complete(vcpu, sid, req.type, data, dur,
+                              cmd=result.command if is_vmport else None, regs_out=out,
+                              why=done.reason or None)
+        return done
 
 
 _NO_REGS = BackdoorRegs(0, 0, 0, 0, 0, 0)
+
+
+def _regs_in(r: BackdoorRegs) -> Regs32:
+    return regs32(r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi)
+
+
+def _trace_backdoor(tracer: Tracer, vcpu: int, access: PortAccess, regs: BackdoorRegs,
+                    result: IoResult, t0: int) -> None:
+    """Patch 8/8's trace points, from what the core decided about a backdoor access."""
+    route = result.route
+    if route is Route.INTERNAL and result.command is not None:
+        out = result.regs or regs
+        rax = regs.rax if result.value is None else apply_in(regs.rax, result.value,
+                                                            access.size)
+        tracer.vmport_handled(vcpu, result.command, _regs_in(regs),
+                              regs32(rax, out.rbx, out.rcx, out.rdx, out.rsi, out.rdi),
+                              time.monotonic_ns() - t0)
+    elif route is Route.IGNORED:
+        why = "port" if access.port != vm.BDOOR_PORT else "magic"
+        tracer.vmport_ignored(vcpu, access.port, _regs_in(regs), why)
+    elif route is Route.NULL and result.command is not None:
+        tracer.vmport_ignored(vcpu, access.port, _regs_in(regs), "no server")
+    elif route is Route.SERVER and result.ioreq_type in VMPORT_TYPES \
+            and result.command is not None and result.server is not None:
+        tracer.vmport_send(vcpu, result.server, result.command, _regs_in(regs))
 
 
 def _read_bytes(result: IoResult, size: int) -> bytes:

@@ -34,6 +34,7 @@ from hvmport.hv.lifecycle import Ending, EndRequest, Lifecycle
 from hvmport.hv.memory import GuestMemory, check_memory_mib
 from hvmport.hv.pic import Pic
 from hvmport.hv.shmem import MemfdPages
+from hvmport.hv.tracing import RunTrace
 from hvmport.hv.wait import DeviceModelWaiter
 
 MAX_VCPUS = 128
@@ -95,6 +96,9 @@ class RunConfig:
     dm_pass_fds: tuple[int, ...] = ()
     #: Called with the device models' pids once they are ready.
     on_started: Callable[[list[int]], None] = field(default=lambda pids: None)
+    #: Record trace events (docs/tracing.md) of this process and of hvmport's own device
+    #: models into this file.
+    trace: str | None = None
 
 
 @dataclass(slots=True)
@@ -151,6 +155,11 @@ def run(config: RunConfig, clock: Clock | None = None) -> RunResult:
     lifecycle = config.lifecycle or Lifecycle()
     with GuestMemory(config.memory_mib) as memory, _run_dir() as rundir, \
             contextlib.ExitStack() as stack:
+        tracing = (RunTrace.start(config.trace, config.domid, rundir, config.note)
+                   if config.trace else None)
+        if tracing is not None:
+            # Registered first, so it runs last: once every device model has ended.
+            stack.callback(tracing.finish)
         start = _load(config, memory)
         cpuid: dict[tuple[int, int], tuple[int, int, int, int]] = {}
         vm = backend.create_vm(VmConfig(memory, config.vcpus, cpuid, hypervisor_bit=True))
@@ -182,7 +191,8 @@ def run(config: RunConfig, clock: Clock | None = None) -> RunResult:
         # the hypervisor's own PIC model.
         kernel_irq = _irq_sink(vm)
         emulator = emulate.Emulator(domain, config.console, waiter,
-                                    pic=None if kernel_irq else Pic(), domain_lock=lock)
+                                    pic=None if kernel_irq else Pic(), domain_lock=lock,
+                                    tracer=tracing.tracer if tracing is not None else None)
         irq_sink = kernel_irq or emulator.set_irq
         if config.device_model:
             control = ControlServer(config.control_path or os.path.join(rundir, "control"),
@@ -194,6 +204,8 @@ def run(config: RunConfig, clock: Clock | None = None) -> RunResult:
             stack.callback(control.close)
             for i, args in enumerate(config.dm_args):
                 program = config.dm_program if i == 0 else None
+                if tracing is not None and program is None:
+                    args = [*args, "--trace", tracing.part(i)]
                 dms.append(DeviceModelProcess(control.path, config.domid, args,
                                               program=program, pass_fds=config.dm_pass_fds))
             config.on_started([dm.pid for dm in dms])

@@ -8,9 +8,6 @@ file format and the tools are described in docs/tracing.md.
 from __future__ import annotations
 
 from hvmport.trace.reader import Event, Header, Trace, TraceWarning, read
-from hvmport.trace.recorder import NullTracer, Tracer, TracerLike, merge
+from hvmport.trace.recorder import Tracer, merge, regs32
 
-__all__ = [
-    "Event", "Header", "NullTracer", "Trace", "TraceWarning", "Tracer", "TracerLike", "merge",
-    "read",
-]
+__all__ = ["Event", "Header", "Trace", "TraceWarning", "Tracer", "merge", "read", "regs32"]

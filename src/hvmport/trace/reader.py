@@ -34,24 +34,32 @@ _REGS = "regs"
 #: Required fields of every event kind hvmport itself writes; other names are accepted
 #: with any payload (new kinds must not make old readers refuse a file).
 SCHEMA: dict[str, dict[str, str]] = {
-    "vmport_handled": {"vcpu": _INT, "cmd": _INT, "in": _REGS, "out": _REGS},
-    "vmport_ignored": {"vcpu": _INT, "cmd": _INT, "in": _REGS},
+    # The hypervisor (patch 8/8's VMPORT_HANDLED, VMPORT_IGNORED, VMPORT_SEND).
+    "vmport_handled": {"vcpu": _INT, "cmd": _INT, "in": _REGS, "out": _REGS, "dur": _INT},
+    "vmport_ignored": {"vcpu": _INT, "port": _INT, "in": _REGS, "why": _STR},
     "vmport_send": {"vcpu": _INT, "sid": _INT, "cmd": _INT, "in": _REGS},
-    "vmport_dm": {"vcpu": _INT, "sid": _INT, "cmd": _INT, "in": _REGS, "out": _REGS},
     "ioreq_send": {"vcpu": _INT, "sid": _INT, "type": _INT, "addr": _INT, "size": _INT,
                    "dir": _INT, "count": _INT, "data": _INT},
-    "ioreq_complete": {"vcpu": _INT, "sid": _INT, "type": _INT, "data": _INT},
-    "bufioreq_send": {"sid": _INT, "type": _INT, "addr": _INT, "size": _INT, "data": _INT},
+    "ioreq_complete": {"vcpu": _INT, "sid": _INT, "type": _INT, "data": _INT, "dur": _INT},
+    "bufioreq_send": {"sid": _INT, "type": _INT, "addr": _INT, "size": _INT, "data": _INT,
+                      "status": _STR},
+    # The device model (patch 8/8's VMPORT_QEMU: the answer, registers and all).
+    "vmport_dm": {"vcpu": _INT, "sid": _INT, "cmd": _INT, "in": _REGS, "out": _REGS,
+                  "dur": _INT},
+    "dm_ioreq": {"vcpu": _INT, "sid": _INT, "type": _INT, "addr": _INT, "size": _INT,
+                 "dir": _INT, "data": _INT, "dur": _INT},
+    "dm_bufioreq": {"sid": _INT, "type": _INT, "addr": _INT, "size": _INT, "data": _INT},
     DROPPED_EV: {"count": _INT},
     PART_EV: {"pid": _INT},
 }
 #: Optional fields that, when present, must have this kind.
 OPTIONAL: dict[str, dict[str, str]] = {
-    "vmport_handled": {"dur": _INT},
-    "vmport_ignored": {"why": _STR, "port": _INT},
-    "vmport_dm": {"dur": _INT},
-    PART_EV: {"domid": _INT, "t": _INT},
+    "ioreq_complete": {"cmd": _INT, "out": _REGS, "why": _STR},
+    DROPPED_EV: {"error": _STR},
+    PART_EV: {"domid": _INT, "t": _INT, "role": _STR},
 }
+#: Events whose ``t`` is the end of something that took ``dur`` nanoseconds.
+SPANS = frozenset({"vmport_handled", "ioreq_complete", "vmport_dm", "dm_ioreq"})
 KNOWN_EVENTS = frozenset(SCHEMA)
 
 
@@ -175,6 +183,7 @@ def _header(obj: object, path: str) -> Header:
                           f"version {VERSION})", path=path, line=1)
     pid, domid, t, wall = obj.get("pid"), obj.get("domid"), obj.get("t"), obj.get("wall")
     clock = obj.get("clock")
+    # isinstance as well as _is_int: mypy narrows on the former only.
     if not (isinstance(pid, int) and isinstance(domid, int) and isinstance(t, int)
             and _is_int(pid) and _is_int(domid) and _is_int(t) and isinstance(clock, str)
             and isinstance(wall, int | float) and not isinstance(wall, bool)):
