@@ -149,7 +149,8 @@ def test_create_list_console_pointer_destroy(xl: Xl, backend: str) -> None:
     cfg = xl.cfg("mouse", guest("vmmouse"), "vmware_hwver = 7", "vmware_port = 1",
                  'cmdline = "pointer=2"', f'cpu_backend = "{backend}"',
                  'on_poweroff = "preserve"')
-    xl.create(cfg)
+    trace = xl.tmp / "mouse.trace"
+    xl.create(cfg, "--trace", str(trace))
     table = xl("list").stdout.splitlines()
     assert table[0].split() == ["Name", "ID", "Mem", "VCPUs", "State", "Time(s)"]
     row = table[1].split()
@@ -176,6 +177,24 @@ def test_create_list_console_pointer_destroy(xl: Xl, backend: str) -> None:
         assert time.monotonic() < deadline
         time.sleep(0.1)
     assert xl("list", "mouse").stdout.splitlines()[1].split()[4] == "---s--"
+
+    # The run's trace, from both processes: GETVERSION answered by the hypervisor, the
+    # vmmouse commands by the device model.
+    summary = xl("trace", "summary", str(trace), "--json")
+    assert summary.returncode == 0, summary.stderr
+    doc = json.loads(summary.stdout)
+    rows = {(c["name"], c["route"]): c["count"] for c in doc["commands"]}
+    status_lines = out.count(b"p32 STATUS.")
+    assert rows[("GETVERSION", "hypervisor")] == 1
+    assert rows[("ABSPOINTER_STATUS", "round trip")] >= status_lines + 2
+    assert (rows[("ABSPOINTER_STATUS", "device model")]
+            == rows[("ABSPOINTER_STATUS", "round trip")])
+    assert {p["role"] for p in doc["processes"]} == {"hypervisor", "device-model"}
+    chrome = xl.tmp / "mouse.json"
+    assert xl("trace", "export", str(trace), "--chrome", str(chrome)).returncode == 0
+    events = json.loads(chrome.read_text())["traceEvents"]
+    assert {e["name"] for e in events if e["ph"] == "X"} >= {
+        "handled GETVERSION (10)", "dm ABSPOINTER_STATUS (40)"}
     assert xl("destroy", "mouse").returncode == 0
     assert console.close() == 0  # the console ends with its domain
     assert xl.domains() == []

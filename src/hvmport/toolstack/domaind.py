@@ -122,6 +122,7 @@ class Monitor:
         self._lock = threading.Lock()
         self._destroyed = threading.Event()
         self._announced = False
+        self._runs = 0
         self.hub = (ConsoleHub(str(directory / "console.sock"))
                     if cfg.serial.kind == "pty" else None)
         self.server = ToolstackServer(str(directory / "toolstack.sock"), self._request)
@@ -230,7 +231,10 @@ class Monitor:
                    "--uuid", cfg.uuid, *cfg.device_model_args]
         extra: dict[str, Any] = {}
         if self.trace is not None:
-            extra["trace"] = self.trace
+            # Each run's trace is merged when the run ends: a restart must not overwrite
+            # the one before, so runs after the first get FILE.2, FILE.3, ...
+            self._runs += 1
+            extra["trace"] = self.trace if self._runs == 1 else f"{self.trace}.{self._runs}"
         return RunConfig(
             Image(cfg.kernel, cmdline=cfg.cmdline, ramdisk=cfg.ramdisk),
             backend=cfg.cpu_backend, memory_mib=cfg.memory_mib, vcpus=cfg.vcpus,
