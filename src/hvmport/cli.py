@@ -38,7 +38,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from hvmport.hv import emulate
     from hvmport.hv.run import Image, RunConfig, run
 
-    if args.kernel is None:
+    program = _program(args)
+    if program is not None or (args.kernel is None and args.backend == "user"):
+        kernel = Path("/")
+    elif args.kernel is None:
         from hvmport import guests
 
         if args.mode is not None:
@@ -68,6 +71,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
            for ports in args.secondary_dm],
         spin_us=args.spin_us, dm_timeout=args.dm_timeout,
         dm_program=shlex.split(args.dm_program) if args.dm_program else None,
+        program=program, vmware_port_ring3=args.vmware_port_ring3,
     )
     try:
         result = run(config)
@@ -75,9 +79,28 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if console_file is not None:
             console_file.close()
     is_debug_exit = result.status & 1
+    if program is not None:
+        from hvmport.cpu.user import is_program_end
+
+        # The program's own exit status is the run's; it said what it had to say.
+        is_debug_exit = is_debug_exit or is_program_end(result.reason)
     if result.status != emulate.STATUS_HALTED and not is_debug_exit:
         print(f"hvmport: {result.reason}", file=sys.stderr)
     return result.status
+
+
+def _program(args: argparse.Namespace) -> list[str] | None:
+    """The program after ``--`` for ``--backend user``."""
+    program: list[str] = list(args.program or [])
+    if program and program[0] == "--":
+        program = program[1:]
+    if not program:
+        return None
+    if args.backend != "user":
+        raise ConfigError("a program after -- runs only with --backend user")
+    if args.kernel is not None:
+        raise ConfigError("--backend user runs a program, not --kernel")
+    return program
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -130,8 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="physical load (and entry) address of a flat binary "
                      "(default 0x10000 in 16-bit mode, else 0x100000)")
     run.add_argument("--cmdline", default="", help="Multiboot command line")
-    run.add_argument("--backend", default="auto", choices=("auto", "kvm", "unicorn"),
-                     help="CPU backend; auto picks KVM when /dev/kvm answers (default auto)")
+    run.add_argument("--backend", default="auto", choices=("auto", "kvm", "unicorn", "user"),
+                     help="CPU backend; auto picks KVM when /dev/kvm answers (default auto); "
+                     "user runs an unmodified x86-64 Linux program (after --) natively under "
+                     "a ptrace supervisor that traps its port I/O and CPUID")
     run.add_argument("--memory", type=int, default=64, metavar="MiB",
                      help="guest RAM in MiB (default 64)")
     run.add_argument("--vcpus", type=int, default=1, metavar="N", help="vCPUs (default 1)")
@@ -167,6 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
                      "(default 10)")
     run.add_argument("--spin-us", type=float, default=100.0, metavar="US",
                      help="spin on a forwarded request this long before blocking (default 100)")
+    run.add_argument("--vmware-port-ring3", action=argparse.BooleanOptionalAction,
+                     default=True,
+                     help="--backend user: the program's port I/O reaches the backdoor; off, "
+                     "it gets SIGSEGV as on bare metal (default on)")
+    run.add_argument("program", nargs=argparse.REMAINDER, metavar="-- PROGRAM [ARGS...]",
+                     help="with --backend user: the program to run and its arguments")
     run.set_defaults(func=_cmd_run)
 
     bench = sub.add_parser(

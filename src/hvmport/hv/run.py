@@ -24,7 +24,17 @@ from hvmport import atomic
 from hvmport.core.clock import Clock
 from hvmport.core.cpuid import hypervisor_leaves
 from hvmport.core.domain import Crash, Domain
-from hvmport.cpu.base import Exit, ExitKind, Mode, StartState, Vcpu, Vm, VmConfig
+from hvmport.cpu.base import (
+    Backend,
+    Exit,
+    ExitKind,
+    Mode,
+    Regs,
+    StartState,
+    Vcpu,
+    Vm,
+    VmConfig,
+)
 from hvmport.cpu.select import select_backend
 from hvmport.errors import ConfigError
 from hvmport.hv import emulate
@@ -94,6 +104,12 @@ class RunConfig:
     dm_pass_fds: tuple[int, ...] = ()
     #: Called with the device models' pids once they are ready.
     on_started: Callable[[list[int]], None] = field(default=lambda pids: None)
+    #: ``--backend user``: the program (and its arguments) to run under the ptrace
+    #: supervisor instead of loading ``image``.
+    program: list[str] | None = None
+    #: The per-domain ring-3 policy of the user backend: its port I/O reaches the
+    #: backdoor (on) or is a SIGSEGV as on bare metal (off).
+    vmware_port_ring3: bool = True
 
 
 @dataclass(slots=True)
@@ -112,6 +128,15 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(f"vmware_hwver={config.vmware_hwver} is out of range")
     if config.timeout is not None and config.timeout <= 0:
         raise ConfigError("--timeout must be positive")
+    if config.program is not None:
+        if config.backend != "user":
+            raise ConfigError("a program to run needs --backend user")
+        if config.vcpus != 1 or config.smp_entry:
+            raise ConfigError("--backend user runs one program as one vCPU")
+        return
+    if config.backend == "user":
+        raise ConfigError("--backend user needs a program: hvmport run --backend user "
+                          "-- PROGRAM [ARGS...]")
     if config.smp_entry and config.image.flat_mode is None:
         raise ConfigError("--smp-entry needs a flat binary (--mode 16|32|64)")
     if not config.image.path.is_file():
@@ -140,7 +165,13 @@ def _run_dir() -> Iterator[str]:
 
 def run(config: RunConfig, clock: Clock | None = None) -> RunResult:
     validate(config)
-    backend, picked = select_backend(config.backend)
+    if config.program is not None:
+        from hvmport.cpu.user import UserBackend
+
+        backend: Backend = UserBackend(config.program, ring3=config.vmware_port_ring3)
+        picked = "user (the program runs natively under a ptrace supervisor)"
+    else:
+        backend, picked = select_backend(config.backend)
     config.note(f"backend: {picked}")
     from hvmport.hv import loader
 
@@ -148,7 +179,8 @@ def run(config: RunConfig, clock: Clock | None = None) -> RunResult:
     lifecycle = config.lifecycle or Lifecycle()
     with GuestMemory(config.memory_mib) as memory, _run_dir() as rundir, \
             contextlib.ExitStack() as stack:
-        start = _load(config, memory)
+        start = (StartState(Mode.LONG64, Regs()) if config.program is not None
+                 else _load(config, memory))
         cpuid: dict[tuple[int, int], tuple[int, int, int, int]] = {}
         vm = backend.create_vm(VmConfig(memory, config.vcpus, cpuid, hypervisor_bit=True))
         stack.callback(vm.close)
