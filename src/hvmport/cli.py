@@ -66,12 +66,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
         console=console, note=lambda text: print(f"hvmport: {text}", file=sys.stderr),
         device_model=args.vmware_port if args.device_model is None else args.device_model,
         dm_args=[["--serial", args.serial, *(["--qmp", args.qmp] if args.qmp else []),
+                   *(f"--guestinfo={kv}" for kv in args.guestinfo),
+                   *([] if args.guestrpc_hb else ["--no-guestrpc-hb"]),
+                   f"--vmport-prop=vmware-vmx-version={args.vmware_version}",
+                   f"--vmport-prop=vmware-vmx-type={args.vmware_vmx_type}",
                    *args.dm_arg]]
         + [["--disable-vmport", "--bufioreq", "off", "--serial", "none", "--ports", ports]
            for ports in args.secondary_dm],
         spin_us=args.spin_us, dm_timeout=args.dm_timeout,
         dm_program=shlex.split(args.dm_program) if args.dm_program else None,
         program=program, vmware_port_ring3=args.vmware_port_ring3,
+        vmware_version=args.vmware_version, vmware_vmx_type=args.vmware_vmx_type,
     )
     try:
         result = run(config)
@@ -87,6 +92,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if result.status != emulate.STATUS_HALTED and not is_debug_exit:
         print(f"hvmport: {result.reason}", file=sys.stderr)
     return result.status
+
+
+def _key_value(text: str) -> str:
+    key, eq, _ = text.partition("=")
+    if not eq or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return text
 
 
 def _program(args: argparse.Namespace) -> list[str] | None:
@@ -192,6 +204,18 @@ def build_parser() -> argparse.ArgumentParser:
                      "(default 10)")
     run.add_argument("--spin-us", type=float, default=100.0, metavar="US",
                      help="spin on a forwarded request this long before blocking (default 100)")
+    run.add_argument("--guestinfo", action="append", default=[], metavar="KEY=VALUE",
+                     type=_key_value,
+                     help="GuestRPC: the guest's 'info-get guestinfo.KEY' answers VALUE "
+                     "(repeatable); read what the guest set with QMP hvmport-guestinfo-get")
+    run.add_argument("--vmware-version", type=_int, default=6, metavar="N",
+                     help="what GETVERSION answers in EAX (default 6; VMware's tools refuse "
+                     "any other)")
+    run.add_argument("--vmware-vmx-type", type=_int, default=2, metavar="N",
+                     help="the product type GETVERSION answers in ECX (default 2, ESX "
+                     "Server; 4 is Workstation)")
+    run.add_argument("--guestrpc-hb", action=argparse.BooleanOptionalAction, default=True,
+                     help="offer GuestRPC's high-bandwidth port 0x5659 (default on)")
     run.add_argument("--vmware-port-ring3", action=argparse.BooleanOptionalAction,
                      default=True,
                      help="--backend user: the program's port I/O reaches the backdoor; off, "

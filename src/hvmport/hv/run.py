@@ -9,6 +9,7 @@ it raise.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import queue
 import shutil
@@ -107,6 +108,9 @@ class RunConfig:
     #: ``--backend user``: the program (and its arguments) to run under the ptrace
     #: supervisor instead of loading ``image``.
     program: list[str] | None = None
+    #: What GETVERSION answers (EAX, ECX), in the hypervisor and the device model.
+    vmware_version: int = 6
+    vmware_vmx_type: int = 2
     #: The per-domain ring-3 policy of the user backend: its port I/O reaches the
     #: backdoor (on) or is a SIGSEGV as on bare metal (off).
     vmware_port_ring3: bool = True
@@ -118,6 +122,9 @@ class RunResult:
     reason: str
     backend: str
     ending: Ending = Ending.POWEROFF
+    #: (route, backdoor command or None) -> accesses: which backdoor calls the hypervisor
+    #: answered ("internal") and which went to a device model ("server").
+    routes: dict[tuple[str, int | None], int] = field(default_factory=dict)
 
 
 def validate(config: RunConfig) -> None:
@@ -126,6 +133,9 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(f"vcpus={config.vcpus}: must be 1..{MAX_VCPUS}")
     if config.vmware_hwver < 0 or config.vmware_hwver > 0xFFFFFFFF:
         raise ConfigError(f"vmware_hwver={config.vmware_hwver} is out of range")
+    for name in ("vmware_version", "vmware_vmx_type"):
+        if not 0 <= getattr(config, name) <= 0xFFFFFFFF:
+            raise ConfigError(f"{name}={getattr(config, name)} is out of range")
     if config.timeout is not None and config.timeout <= 0:
         raise ConfigError("--timeout must be positive")
     if config.program is not None:
@@ -177,8 +187,8 @@ def run(config: RunConfig, clock: Clock | None = None) -> RunResult:
 
     events: queue.Queue[Event] = queue.Queue()
     lifecycle = config.lifecycle or Lifecycle()
-    with GuestMemory(config.memory_mib) as memory, _run_dir() as rundir, \
-            contextlib.ExitStack() as stack:
+    with GuestMemory(config.memory_mib, staging=emulate.STAGING_BYTES) as memory, \
+            _run_dir() as rundir, contextlib.ExitStack() as stack:
         start = (StartState(Mode.LONG64, Regs()) if config.program is not None
                  else _load(config, memory))
         cpuid: dict[tuple[int, int], tuple[int, int, int, int]] = {}
@@ -205,13 +215,16 @@ def run(config: RunConfig, clock: Clock | None = None) -> RunResult:
             events.put((-1, Exit(ExitKind.STOPPED, f"domain crashed: {crash.reason}",
                                  emulate.STATUS_DOMAIN_CRASHED)))
 
+        domain.platform = dataclasses.replace(domain.platform, version=config.vmware_version,
+                                              vmx_type=config.vmware_vmx_type)
         domain.on_crash = crashed
         stack.callback(setattr, domain, "on_crash", None)  # no cycle outliving the run
         # Interrupt lines go to the in-kernel irqchip where the backend has one, else to
         # the hypervisor's own PIC model.
         kernel_irq = _irq_sink(vm)
         emulator = emulate.Emulator(domain, config.console, waiter,
-                                    pic=None if kernel_irq else Pic(), domain_lock=lock)
+                                    pic=None if kernel_irq else Pic(), domain_lock=lock,
+                                    staging=emulate.Staging(memory))
         irq_sink = kernel_irq or emulator.set_irq
         if config.device_model:
             control = ControlServer(config.control_path or os.path.join(rundir, "control"),
@@ -234,7 +247,7 @@ def run(config: RunConfig, clock: Clock | None = None) -> RunResult:
             stack.callback(v.close)
         status, reason, ending = _drive([vcpus[i] for i in runnable], emulator,
                                         config.timeout, events, lifecycle)
-    return RunResult(status, reason, backend.name, ending)
+    return RunResult(status, reason, backend.name, ending, dict(emulator.routes))
 
 
 def _irq_sink(vm: Vm) -> Callable[[int, int], None] | None:
