@@ -131,3 +131,62 @@ def test_ring3_policy_off_is_bare_metal(tmp_path: Path, tools: RealTools) -> Non
     assert r.status == 255
     r = user(tmp_path, tools, tools.imvirt_vmware, options=("--no-vmware-port-ring3",))
     assert (r.status, r.stdout) == (0, "")  # its child dies of SIGSEGV, silently
+
+
+def test_guestinfo_through_qmp(tmp_path: Path, tools: RealTools) -> None:
+    """The host reads what the guest set and sets what the guest reads, with the real
+    qemu.qmp client while vmware-rpctool runs; a FIFO orders the two sides."""
+    import asyncio
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from qemu.qmp import ExecuteError, QMPClient
+
+    fifo = tmp_path / "go"
+    os.mkfifo(fifo)
+    qmp_path = str(tmp_path / "qmp.sock")
+    rpctool = " ".join(tools.command(tools.rpctool))
+    script = (f"{rpctool} 'info-set guestinfo.from-guest written by rpctool' && "
+              f"read x < {fifo} && {rpctool} 'info-get guestinfo.from-host'")
+    proc = subprocess.Popen([sys.executable, "-m", "hvmport.cli", "run", "--timeout", "60",
+                             "--backend", "user", "--qmp", qmp_path, "--", "sh", "-c", script],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    async def host() -> list[object]:
+        deadline = time.monotonic() + 30
+        while not os.path.exists(qmp_path):
+            assert time.monotonic() < deadline, "no QMP socket"
+            await asyncio.sleep(0.05)
+        client = QMPClient("test")
+        await client.connect(qmp_path)
+        while True:
+            got = await client.execute("hvmport-guestinfo-get")
+            if "from-guest" in got["values"]:  # type: ignore[index, operator]
+                break
+            assert time.monotonic() < deadline, "the guest never set it"
+            await asyncio.sleep(0.05)
+        answers: list[object] = [
+            await client.execute("hvmport-guestinfo-get", {"key": "from-guest"})]
+        await client.execute("hvmport-guestinfo-set", {"key": "from-host", "value": "hi"})
+        try:
+            await client.execute("hvmport-guestinfo-get", {"key": "nothing"})
+        except ExecuteError as e:
+            answers.append(str(e))
+        stats = await client.execute("query-hvmport-guestrpc")
+        answers.append(stats)
+        await client.disconnect()
+        return answers
+
+    try:
+        answers = asyncio.run(host())
+        fifo.write_text("go\n")
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert answers[0] == {"key": "from-guest", "value": "written by rpctool"}
+    assert "guestinfo.nothing is not set" in str(answers[1])
+    stats = answers[2]
+    assert isinstance(stats, dict) and stats["rpcs"] == 1 and stats["hb-out"] == 1
+    assert (proc.returncode, out) == (0, "\nhi\n"), err

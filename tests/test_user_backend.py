@@ -86,6 +86,24 @@ def test_every_in_out_form(tmp_path: Path, probe: str) -> None:
     assert run.console == "[<BCupdown]\n"
 
 
+def test_string_io_reaches_the_device_model_in_order(tmp_path: Path, probe: str) -> None:
+    # REP OUTSB to the UART: one data_is_ptr request each, staged in execution order, so
+    # the DF = 1 string comes out backwards as the CPU sends it.
+    run = user_run(tmp_path, probe, "uart")
+    assert run.status == 0, run.stderr
+    assert run.stdout == "up\ndown\n"
+
+
+def test_each_rep_is_one_request(probe: str, capfd: pytest.CaptureFixture[str]) -> None:
+    from hvmport.hv.run import Image, RunConfig, run
+
+    result = run(RunConfig(Image(Path("/")), backend="user", program=[probe, "uart"],
+                           timeout=60))
+    assert result.status == 0, result.reason
+    assert capfd.readouterr().out == "up\ndown\n"
+    assert result.routes == {("server", None): 2}
+
+
 def test_program_signals_reach_its_own_handlers(tmp_path: Path, probe: str) -> None:
     run = user_run(tmp_path, probe, "sigill", "sigsegv")
     assert run.stdout.splitlines() == [
@@ -165,3 +183,33 @@ def test_decoder_refuses_other_instructions() -> None:
     assert portinsn.decode(b"\xe4") is None  # truncated
     insn = portinsn.decode(b"\x64\x67\xf3\x6e")
     assert insn is not None and insn.segment == "fs" and insn.addr32
+
+
+DENY_PTRACE = """
+import os, struct, sys
+from hvmport.cpu import ptrace
+SYS_PTRACE, EPERM = 101, 1
+prog = b"".join([
+    struct.pack("<HBBI", 0x20, 0, 0, 0),                       # nr
+    struct.pack("<HBBI", 0x15, 0, 1, SYS_PTRACE),
+    struct.pack("<HBBI", 0x06, 0, 0, 0x00050000 | EPERM),      # ptrace: EPERM
+    struct.pack("<HBBI", 0x06, 0, 0, ptrace.SECCOMP_RET_ALLOW),
+])
+if os.geteuid() != 0:
+    ptrace.set_no_new_privs()
+ptrace.install_filter(prog)
+os.execv(sys.executable, [sys.executable, "-m", "hvmport.cli", *sys.argv[1:]])
+"""
+
+
+def test_ptrace_not_permitted_is_a_clear_host_error(tmp_path: Path, probe: str) -> None:
+    # A seccomp filter refusing ptrace() plays a container that forbids it.
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", DENY_PTRACE, "run", "--backend", "user",
+                           "--timeout", "30", "--", probe, "version"],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "host error" in proc.stderr and "ptrace is not permitted here" in proc.stderr
+    assert proc.stdout == ""

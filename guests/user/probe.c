@@ -11,6 +11,8 @@
  *   fork       a forked child calls GETVERSION; the parent reports its exit status
  *   thread     a second thread calls GETVERSION
  *   exec       execs itself to run `version`
+ *   uart       REP OUTSB to the device model's UART (0x3f8), DF = 0 then 1: string I/O
+ *              that leaves the hypervisor as data_is_ptr requests
  *   call:N     backdoor command N (decimal) with `in %dx,%eax`: EAX..EDX after the call
  *   exit:N     exits with status N
  */
@@ -179,6 +181,14 @@ int main(int argc, char **argv)
             execl("/proc/self/exe", argv[0], "version", (char *)NULL);
             perror("exec");
             return 99;
+        } else if (!strcmp(t, "uart")) {
+            const char *up = "up\n", *down = "\nnwod";
+            const char *p = up;
+            uint64_t n = 3;
+            __asm__ volatile("cld; rep outsb" : "+S"(p), "+c"(n) : "d"(0x3f8) : "memory");
+            p = down + 4;
+            n = 5;
+            __asm__ volatile("std; rep outsb; cld" : "+S"(p), "+c"(n) : "d"(0x3f8) : "memory");
         } else if (!strncmp(t, "call:", 5)) {
             uint32_t a = MAGIC, b = 0, c = (uint32_t)atoi(t + 5), d = PORT;
             __asm__ volatile("inl %%dx, %%eax" : "+a"(a), "+b"(b), "+c"(c), "+d"(d));
