@@ -14,6 +14,7 @@
  *   uart       REP OUTSB to the device model's UART (0x3f8), DF = 0 then 1: string I/O
  *              that leaves the hypervisor as data_is_ptr requests
  *   call:N     backdoor command N (decimal) with `in %dx,%eax`: EAX..EDX after the call
+ *   loop:N:C   N backdoor calls of command C (for timing; prints nothing)
  *   exit:N     exits with status N
  */
 #define _GNU_SOURCE
@@ -193,6 +194,14 @@ int main(int argc, char **argv)
             uint32_t a = MAGIC, b = 0, c = (uint32_t)atoi(t + 5), d = PORT;
             __asm__ volatile("inl %%dx, %%eax" : "+a"(a), "+b"(b), "+c"(c), "+d"(d));
             printf("call %s: eax=%08x ebx=%08x ecx=%08x edx=%08x\n", t + 5, a, b, c, d);
+        } else if (!strncmp(t, "loop:", 5)) {
+            char *rest;
+            long n = strtol(t + 5, &rest, 10);
+            uint32_t cmd = (uint32_t)atoi(rest + 1);
+            for (long k = 0; k < n; k++) {
+                uint32_t a = MAGIC, b = 0, c = cmd, d = PORT;
+                __asm__ volatile("inl %%dx, %%eax" : "+a"(a), "+b"(b), "+c"(c), "+d"(d));
+            }
         } else if (!strncmp(t, "exit:", 5)) {
             fflush(stdout);
             return atoi(t + 5);

@@ -68,8 +68,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         dm_args=[["--serial", args.serial, *(["--qmp", args.qmp] if args.qmp else []),
                    *(f"--guestinfo={kv}" for kv in args.guestinfo),
                    *([] if args.guestrpc_hb else ["--no-guestrpc-hb"]),
-                   f"--vmport-prop=vmware-vmx-version={args.vmware_version}",
-                   f"--vmport-prop=vmware-vmx-type={args.vmware_vmx_type}",
+                   # Only when asked: a --dm-program need not know these options.
+                   *([f"--vmport-prop=vmware-vmx-version={args.vmware_version}"]
+                     if args.vmware_version != 6 else []),
+                   *([f"--vmport-prop=vmware-vmx-type={args.vmware_vmx_type}"]
+                     if args.vmware_vmx_type != 2 else []),
                    *args.dm_arg]]
         + [["--disable-vmport", "--bufioreq", "off", "--serial", "none", "--ports", ports]
            for ports in args.secondary_dm],
@@ -156,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run a Multiboot ELF kernel or a flat binary on KVM or Unicorn, with the "
         "VMware backdoor answered by the hypervisor. Exits with the guest's isa-debug-exit "
         "status ((value << 1) | 1), 0 when it halts, 4 on a guest fault, 6 when the domain "
-        "crashed, 124 on timeout.")
+        "crashed, 124 on timeout. With --backend user it runs an unmodified Linux program "
+        "(after --) instead, and exits with the program's status.")
     run.add_argument("--kernel", metavar="FILE",
                      help="Multiboot v1 ELF kernel, or a flat binary with --mode")
     run.add_argument("--mode", type=int, choices=(16, 32, 64),
