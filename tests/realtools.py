@@ -36,7 +36,8 @@ class RealTools:
     def command(self, program: Path, *args: str) -> list[str]:
         """argv for ``hvmport run --backend user --``: env sets the library path for the
         program only (the supervisor follows env's exec)."""
-        return ["env", f"LD_LIBRARY_PATH={self.libdir}", str(program), *args]
+        path = f"{self.libdir}:{self.root / 'lib/x86_64-linux-gnu'}"
+        return ["env", f"LD_LIBRARY_PATH={path}", str(program), *args]
 
 
 def fetch() -> RealTools:
@@ -55,6 +56,11 @@ def fetch() -> RealTools:
         os.chmod(debs, 0o777)  # apt's sandbox user writes here
         proc = subprocess.run(["apt-get", "download", *PACKAGES], cwd=debs,
                               capture_output=True, text=True, check=False)
+        if proc.returncode != 0 and os.geteuid() == 0:
+            # A fresh machine may have no package lists yet.
+            subprocess.run(["apt-get", "update", "-qq"], capture_output=True, check=False)
+            proc = subprocess.run(["apt-get", "download", *PACKAGES], cwd=debs,
+                                  capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             raise RuntimeError(f"apt-get download failed:\n{proc.stderr}")
         tree = work / "root"
