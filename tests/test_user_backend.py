@@ -213,3 +213,11 @@ def test_ptrace_not_permitted_is_a_clear_host_error(tmp_path: Path, probe: str) 
     assert proc.returncode == 2, proc.stderr
     assert "host error" in proc.stderr and "ptrace is not permitted here" in proc.stderr
     assert proc.stdout == ""
+
+
+def test_bench_measures_the_user_backend(probe: str) -> None:
+    from hvmport import benchmark
+
+    res = benchmark.run_benchmarks(quick=True, only={"hv_user"})
+    assert set(res.scenarios) == {"hv_user"}, res.skipped
+    assert res.scenarios["hv_user"].median > 0

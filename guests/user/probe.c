@@ -14,7 +14,8 @@
  *   uart       REP OUTSB to the device model's UART (0x3f8), DF = 0 then 1: string I/O
  *              that leaves the hypervisor as data_is_ptr requests
  *   call:N     backdoor command N (decimal) with `in %dx,%eax`: EAX..EDX after the call
- *   loop:N:C   N backdoor calls of command C (for timing; prints nothing)
+ *   loop:N:C   N backdoor calls of command C between "[" and "]" on the debug console
+ *              (hvmport bench times the markers)
  *   exit:N     exits with status N
  */
 #define _GNU_SOURCE
@@ -198,10 +199,12 @@ int main(int argc, char **argv)
             char *rest;
             long n = strtol(t + 5, &rest, 10);
             uint32_t cmd = (uint32_t)atoi(rest + 1);
+            __asm__ volatile("outb %%al, $0xe9" : : "a"('['));
             for (long k = 0; k < n; k++) {
                 uint32_t a = MAGIC, b = 0, c = cmd, d = PORT;
                 __asm__ volatile("inl %%dx, %%eax" : "+a"(a), "+b"(b), "+c"(c), "+d"(d));
             }
+            __asm__ volatile("outb %%al, $0xe9" : : "a"(']'));
         } else if (!strncmp(t, "exit:", 5)) {
             fflush(stdout);
             return atoi(t + 5);
