@@ -33,7 +33,8 @@ STATUS_GUEST_FAULT = 4
 STATUS_DOMAIN_CRASHED = 6
 STATUS_HOST_ERROR = 8
 STATUS_TIMEOUT = 124
-#: The string-I/O staging area after guest RAM: one REP of up to a GuestRPC message.
+#: Each vCPU's string-I/O staging window after guest RAM: one REP of up to a GuestRPC
+#: message. vCPUs have their own, so concurrent REPs never share bytes.
 STAGING_BYTES = 64 * 1024
 
 #: Waits for a forwarded request to complete: (vcpu, event-channel port, registers, what
@@ -62,10 +63,15 @@ class Staging:
     request pointing there: the device model sees one request per REP, as under Xen.
     """
 
-    def __init__(self, memory: GuestMemory) -> None:
+    def __init__(self, memory: GuestMemory, size: int = STAGING_BYTES) -> None:
         self.memory = memory
-        self.gpa = memory.size
-        self.size = memory.staging
+        self.size = size
+        self.windows = memory.staging // size
+
+    def gpa(self, vcpu: int) -> int:
+        if not 0 <= vcpu < self.windows:
+            raise ValueError(f"no staging window for vCPU {vcpu}")
+        return self.memory.size + vcpu * self.size
 
 
 class Emulator:
@@ -193,11 +199,12 @@ class Emulator:
         bregs = _backdoor_regs(regs) if regs is not None else _NO_REGS
         # Elements are staged in the order the instruction moves them, so the request
         # always steps upwards (df = 0) whatever the guest's direction flag.
-        staging.memory.write(staging.gpa, access.data if access.is_write else b"\xff" * span)
+        gpa = staging.gpa(ctx.vcpu_id)
+        staging.memory.write(gpa, access.data if access.is_write else b"\xff" * span)
         with self.domain_lock:
             result = self.domain.pio(ctx.vcpu_id, access.port, access.size, access.is_write,
                                      0, bregs, ctx.cpl() if hb else 0, string=True,
-                                     count=access.count, buffer_gpa=staging.gpa)
+                                     count=access.count, buffer_gpa=gpa)
         if result.status is IoStatus.WAIT:
             result = self._wait(ctx.vcpu_id, result, bregs, f"port {access.port:#x}")
         if result.status is IoStatus.CRASHED:
@@ -212,7 +219,7 @@ class Emulator:
             return None
         if result.route is Route.NULL:
             return b"\xff" * span
-        return staging.memory.read(staging.gpa, span)
+        return staging.memory.read(gpa, span)
 
     def mmio(self, ctx: VcpuContext, access: MmioAccess) -> bytes | None:
         """An access to the MMIO hole: an ioreq server's MEMORY range, or the null handler."""

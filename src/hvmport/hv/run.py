@@ -187,7 +187,8 @@ def run(config: RunConfig, clock: Clock | None = None) -> RunResult:
 
     events: queue.Queue[Event] = queue.Queue()
     lifecycle = config.lifecycle or Lifecycle()
-    with GuestMemory(config.memory_mib, staging=emulate.STAGING_BYTES) as memory, \
+    staging = emulate.STAGING_BYTES * config.vcpus
+    with GuestMemory(config.memory_mib, staging=staging) as memory, \
             _run_dir() as rundir, contextlib.ExitStack() as stack:
         start = (StartState(Mode.LONG64, Regs()) if config.program is not None
                  else _load(config, memory))
