@@ -221,3 +221,46 @@ def test_bench_measures_the_user_backend(probe: str) -> None:
     res = benchmark.run_benchmarks(quick=True, only={"hv_user"})
     assert set(res.scenarios) == {"hv_user"}, res.skipped
     assert res.scenarios["hv_user"].median > 0
+
+
+def test_runs_leave_no_descriptors_or_processes(probe: str,
+                                                capfd: pytest.CaptureFixture[str]) -> None:
+    """In-process: runs that end by the program's exit and by timeout (the supervisor kills
+    the program) give back every descriptor and leave no child behind."""
+    import os
+
+    from hvmport.hv.run import Image, RunConfig, run
+
+    def once(program: list[str], timeout: float) -> int:
+        return run(RunConfig(Image(Path("/")), backend="user", program=program,
+                             timeout=timeout)).status
+
+    assert once([probe, "fork", "thread"], 60) == 0  # warm-up
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(2):
+        assert once([probe, "fork", "thread", "uart"], 60) == 0
+        assert once(["sh", "-c", f"sleep {MARK} & sleep {MARK}"], 1.0) == 124
+    assert len(os.listdir("/proc/self/fd")) == before
+    assert not _alive_with(MARK)
+    capfd.readouterr()
+
+
+MARK = "30.7137"  # an unusual duration names this test's processes
+
+
+def _alive_with(text: str) -> list[int]:
+    import time
+
+    time.sleep(0.2)  # SIGKILL is asynchronous
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if text in cmdline and state != "Z":
+            found.append(int(entry.name))
+    return found

@@ -148,15 +148,26 @@ def exec_mapping_filter() -> bytes:
     return b"".join(prog)
 
 
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+class Filter:
+    """A classic-BPF seccomp program, built before a fork so that the child, which may
+    share the parent's locks in an unknown state, only makes the system call."""
+
+    def __init__(self, program: bytes) -> None:
+        self._buf = ctypes.create_string_buffer(program, len(program))
+        self._fprog = _SockFprog(len(program) // 8, ctypes.addressof(self._buf))
+
+    def install(self) -> None:
+        """Install it on the calling thread (and its descendants)."""
+        _check(_libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(self._fprog),
+                           0, 0))
+
+
 def install_filter(program: bytes) -> None:
-    """Install a classic-BPF seccomp filter on the calling thread (and its descendants)."""
-    buf = ctypes.create_string_buffer(program, len(program))
-
-    class SockFprog(ctypes.Structure):
-        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
-
-    fprog = SockFprog(len(program) // 8, ctypes.addressof(buf))
-    _check(_libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0))
+    Filter(program).install()
 
 
 class ProcessMemory:

@@ -270,7 +270,7 @@ class UserVcpu:
     def _start(self) -> None:
         backend = self.vm.backend
         read_end, write_end = os.pipe2(os.O_CLOEXEC)
-        seccomp = ptrace.exec_mapping_filter()
+        seccomp = ptrace.Filter(ptrace.exec_mapping_filter())
         env = backend.env if backend.env is not None else dict(os.environ)
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the child, until exec
@@ -280,7 +280,7 @@ class UserVcpu:
                 os.kill(os.getpid(), signal.SIGSTOP)
                 if os.geteuid() != 0:
                     ptrace.set_no_new_privs()
-                ptrace.install_filter(seccomp)
+                seccomp.install()
                 os.execve(backend.executable, backend.argv, env)
             except BaseException as e:
                 try:
@@ -588,10 +588,11 @@ class UserVcpu:
 
     def close(self) -> None:
         with self._lock:
-            pids = list(self.tracees)
+            tracees = list(self.tracees.values())
             self.tracees.clear()
-        for pid in pids:
-            with_kill(pid)
+        for t in tracees:
+            with_kill(t.pid)
+            t.drop_memory()
         if self.leader:
             with contextlib.suppress(ChildProcessError):  # already reaped by run()
                 os.waitpid(self.leader, WALL)
