@@ -31,6 +31,7 @@ class RealTools:
         self.libdir = root / "usr/lib/x86_64-linux-gnu"
         self.checkvm = root / "usr/bin/vmware-checkvm"
         self.rpctool = root / "usr/bin/vmware-rpctool"
+        self.toolbox = root / "usr/bin/vmware-toolbox-cmd"
         self.imvirt_vmware = root / "usr/lib/imvirt/vmware"
 
     def command(self, program: Path, *args: str) -> list[str]:

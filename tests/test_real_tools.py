@@ -190,3 +190,24 @@ def test_guestinfo_through_qmp(tmp_path: Path, tools: RealTools) -> None:
     stats = answers[2]
     assert isinstance(stats, dict) and stats["rpcs"] == 1 and stats["hb-out"] == 1
     assert (proc.returncode, out) == (0, "\nhi\n"), err
+
+
+def test_toolbox_cmd_forks_and_reads_the_hypervisors_answers(tmp_path: Path,
+                                                             tools: RealTools) -> None:
+    """vmware-toolbox-cmd forks dozens of times (sh -c lsb_release) before its VM check:
+    the supervisor follows them all. GETMHZ and GETTIMEFULL come from the hypervisor."""
+    import re
+    import time
+
+    from hvmport.cpu.cpuid_sites import HostCpuid
+    from hvmport.cpu.user import host_tsc_khz
+
+    r = user(tmp_path, tools, tools.toolbox, "stat", "speed")
+    assert r.status == 0, r.stderr
+    assert r.stdout == f"{host_tsc_khz(HostCpuid()) // 1000} MHz\n"
+    before = time.time()
+    r = user(tmp_path, tools, tools.toolbox, "stat", "hosttime")
+    assert r.status == 0, r.stderr
+    shown = time.mktime(time.strptime(r.stdout.strip(), "%d %b %Y %H:%M:%S"))
+    assert re.fullmatch(r"\d\d \w{3} \d{4} \d\d:\d\d:\d\d\n", r.stdout)
+    assert abs(shown - before) < 120  # the host's clock (local time), give or take the run
