@@ -264,3 +264,40 @@ def _alive_with(text: str) -> list[int]:
         if text in cmdline and state != "Z":
             found.append(int(entry.name))
     return found
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
+
+
+def test_pause_stops_every_process_of_the_program(probe: str,
+                                                  capfd: pytest.CaptureFixture[str]) -> None:
+    import threading
+    import time
+
+    from hvmport.hv.lifecycle import Lifecycle
+    from hvmport.hv.run import Image, RunConfig, run
+
+    mark = "2.3571"  # this test's sleep
+    lifecycle = Lifecycle()
+    results = []
+    runner = threading.Thread(target=lambda: results.append(run(RunConfig(
+        Image(Path("/")), backend="user", lifecycle=lifecycle, timeout=60,
+        program=["sh", "-c", f"sleep {mark} & sleep {mark}; wait; echo done"]))))
+    runner.start()
+    deadline = time.monotonic() + 20
+    # The shell (its command line has the mark too) and its two sleeps.
+    while len(watched := _alive_with(mark)) < 3:
+        assert time.monotonic() < deadline, "the program never started its sleeps"
+    lifecycle.pause()
+    while any(_state(p) not in ("t", "gone") for p in watched):
+        assert time.monotonic() < deadline, [(p, _state(p)) for p in watched]
+        time.sleep(0.02)
+    assert all(_state(p) == "t" for p in watched)  # all stopped by the supervisor
+    lifecycle.unpause()
+    runner.join(60)
+    assert results and results[0].status == 0, results
+    assert capfd.readouterr().out == "done\n"

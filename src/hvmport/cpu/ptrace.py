@@ -114,6 +114,16 @@ def setregs(pid: int, regs: UserRegs) -> None:
     _check(_libc.ptrace(PTRACE_SETREGS, pid, None, ctypes.byref(regs)))
 
 
+SYS_TGKILL = 234
+_libc.syscall.restype = ctypes.c_long
+
+
+def tgkill(tgid: int, tid: int, sig: int) -> None:
+    """Send ``sig`` to one thread (kill() would let any thread of the process take it)."""
+    _check(_libc.syscall(ctypes.c_long(SYS_TGKILL), ctypes.c_long(tgid), ctypes.c_long(tid),
+                         ctypes.c_long(sig)))
+
+
 def set_no_new_privs() -> None:
     _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, None, 0, 0))
 

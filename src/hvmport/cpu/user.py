@@ -129,6 +129,8 @@ class _Space:
 class _Tracee:
     pid: int
     space: _Space
+    #: Its process (thread group) id: the pid of the thread that made the process.
+    tgid: int = 0
     #: Stopped at a seccomp event: the next syscall-stop is the mapping call's exit.
     awaiting_exit: bool = False
     #: A new child whose initial SIGSTOP is still to come.
@@ -254,7 +256,8 @@ class UserVcpu:
         #: Stopped tracees left stopped by a kick, resumed by the next run().
         self._parked: list[tuple[int, int]] = []
         self._kicked = threading.Event()
-        self._kick_sent = 0
+        #: Threads sent a SIGSTOP by kick(): their stop is ours, never the program's.
+        self._kick_sent: set[int] = set()
         self._lock = threading.Lock()
         self._ended: Exit | None = None
         #: How many port accesses and CPUID instructions were emulated (for tests).
@@ -303,7 +306,7 @@ class UserVcpu:
             with_kill(pid)
             raise
         self.leader = pid
-        self.tracees[pid] = _Tracee(pid, _Space())
+        self.tracees[pid] = _Tracee(pid, _Space(), tgid=pid)
 
     # ------------------------------------------------------------------ running
 
@@ -380,7 +383,9 @@ class UserVcpu:
             child = ptrace.geteventmsg(t.pid)
             space = _Space(set(t.space.patched)) if event == ptrace.PTRACE_EVENT_FORK \
                 else t.space
-            new = _Tracee(child, space, fresh=True)
+            # Clones are taken for threads (pthread_create); forks make processes.
+            tgid = t.tgid if event == ptrace.PTRACE_EVENT_CLONE else child
+            new = _Tracee(child, space, tgid=tgid, fresh=True)
             self.tracees[child] = new
             if child in self._early:
                 self._early.discard(child)
@@ -392,6 +397,7 @@ class UserVcpu:
                 old = self.tracees.pop(former, None)
                 if old is not None:
                     old.drop_memory()
+            t.tgid = t.pid  # the exec left one thread, the process's leader
             if self._exec_error >= 0:
                 os.close(self._exec_error)
                 self._exec_error = -1
@@ -441,9 +447,9 @@ class UserVcpu:
 
     def _signal(self, handler: IoHandler, t: _Tracee, sig: int) -> Exit | None:
         pid = t.pid
-        if sig == signal.SIGSTOP and self._kick_sent == pid:
-            self._kick_sent = 0
-            self._parked.append((pid, 0))
+        if sig == signal.SIGSTOP and pid in self._kick_sent:
+            self._kick_sent.discard(pid)
+            self._resume(pid, 0)  # parked while the kick lasts
             return None
         if sig in (signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU):
             try:
@@ -575,16 +581,17 @@ class UserVcpu:
     # ------------------------------------------------------------------ other threads
 
     def kick(self) -> None:
+        """Stop every thread of the program (a paused domain runs nothing) and so wake the
+        supervisor's waitpid; run() returns KICKED and the stops stay parked until the next
+        run()."""
         with self._lock:
             self._kicked.set()
-            # Wake the supervisor's waitpid: stop a running tracee; its stop is parked.
-            for pid in list(self.tracees):
+            for t in list(self.tracees.values()):
+                self._kick_sent.add(t.pid)
                 try:
-                    os.kill(pid, signal.SIGSTOP)
-                    self._kick_sent = pid
-                    break
-                except ProcessLookupError:
-                    continue
+                    ptrace.tgkill(t.tgid or t.pid, t.pid, signal.SIGSTOP)
+                except OSError:
+                    self._kick_sent.discard(t.pid)
 
     def close(self) -> None:
         with self._lock:
