@@ -104,6 +104,12 @@ def test_guestrpc_answered_by_the_device_model_getversion_by_the_hypervisor(
     assert "10" not in dm["vmport-commands"]  # the device model never saw GETVERSION
     assert dm["vmport-commands"]["30"] == routes[("server", 30)]
     assert (dm["hb-out"], dm["hb-in"]) == ((1, 1) if hb else (0, 0))
+    # By message type: OPEN, SENDSIZE, [SENDPAYLOAD x5], RECVSIZE, [RECVPAYLOAD x2],
+    # RECVSTATUS, CLOSE - the sequence of real-clients.md.
+    expect = {"0": 1, "1": 1, "3": 1, "5": 1, "6": 1}
+    if not hb:
+        expect.update({"2": 5, "4": 2})
+    assert dm["calls"] == expect
     assert dm["rejected"] == 0
 
 
