@@ -118,6 +118,14 @@ def test_imvirt_helper_sees_esx(tmp_path: Path, tools: RealTools) -> None:
     assert (r.status, r.stdout) == (1, "ESX Server\n"), r.stderr
 
 
+@pytest.mark.parametrize(("vmx_type", "name"), [
+    (1, "Express"), (3, "GSX Server"), (4, "Workstation"), (9, "?")])
+def test_imvirt_helper_product_names(tmp_path: Path, tools: RealTools, vmx_type: int,
+                                     name: str) -> None:
+    r = user(tmp_path, tools, tools.imvirt_vmware, options=(f"--vmware-vmx-type={vmx_type}",))
+    assert (r.status, r.stdout) == (1, f"{name}\n"), r.stderr
+
+
 def test_version_5_is_refused_by_the_tools(tmp_path: Path, tools: RealTools) -> None:
     r = user(tmp_path, tools, tools.checkvm, options=("--vmware-version=5",))
     assert (r.status, r.stdout) == (1, "")
