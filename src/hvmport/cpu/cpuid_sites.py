@@ -110,8 +110,12 @@ class HostCpuid:
     """Runs the CPUID instruction in this process (a few bytes of machine code)."""
 
     def __init__(self) -> None:
-        self._mem = mmap.mmap(-1, mmap.PAGESIZE,
-                              prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+        try:
+            self._mem = mmap.mmap(-1, mmap.PAGESIZE,
+                                  prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+        except OSError as e:
+            raise HostError(f"cannot map executable memory for the host CPUID stub "
+                            f"({e.strerror}): this host forbids it") from e
         self._mem.write(_STUB)
         addr = ctypes.addressof(ctypes.c_char.from_buffer(self._mem))
         self._fn = ctypes.CFUNCTYPE(None, ctypes.c_uint32, ctypes.c_uint32,

@@ -165,6 +165,9 @@ class UserBackend:
             if "/" not in program else (program if os.access(program, os.X_OK) else None)
         if found is None:
             raise ConfigError(f"{program}: no such program (or not executable)")
+        if shutil.which("objdump") is None:
+            raise HostError("--backend user needs GNU objdump (binutils) to find the "
+                            "program's CPUID instructions; scripts/setup installs it")
         self.argv = list(argv)
         self.executable = found
         self.ring3 = ring3
