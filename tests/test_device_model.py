@@ -23,7 +23,7 @@ MAGIC = "564d5868"
 
 #: Where the hypervisor's Xen semantics differ from QEMU's in-process vmport (documented
 #: in test_run.py): OUT never writes EAX, and a 2-byte IN replaces only AX.
-DIFFERS_FROM_QEMU = {"GETRAMSIZE.out4", "GETRAMSIZE.in2", "STATUS.out4"}
+DIFFERS_FROM_QEMU = {"GETRAMSIZE.out4", "GETRAMSIZE.in2", "STATUS.out4", "MESSAGE.in4"}
 
 EXPECTED = {
     "GETRAMSIZE.in4": dict(eax="04000000", ebx="00001177"),  # 64 MiB, QEMU's 0x1177
@@ -74,6 +74,10 @@ def test_device_model_matches_qemu(vmmouse_runs: dict[str, Run], backend: str) -
     # The two Xen semantics, checked rather than skipped.
     assert ours[("p32", "STATUS.out4")]["eax"] == MAGIC
     assert ours[("p32", "GETRAMSIZE.in2")]["eax"] == "564d0000"
+    # hvmport's device model answers GuestRPC (QEMU has no command 30): OPEN of an RPCI
+    # channel succeeds (SUCCESS in ECX's high half, channel 0 in EDX's) and EAX is left.
+    assert ours[("p32", "MESSAGE.in4")]["ecx"] == "00010000"
+    assert ours[("p32", "MESSAGE.in4")]["eax"] == MAGIC
 
 
 def test_backends_agree(vmmouse_runs: dict[str, Run]) -> None:

@@ -144,6 +144,18 @@ def _hvmport(backend: str, *extra: str) -> Callable[[Path], float]:
     return run
 
 
+def _user(n: int, cmd: int) -> float:
+    """µs per call from an unmodified Linux program under the user backend's ptrace
+    supervisor (guests/user/probe.c's loop between the same markers)."""
+    from hvmport import userprogs
+
+    probe = userprogs.program_path("probe")
+    seconds = _time([sys.executable, "-m", "hvmport.cli", "run", "--backend", "user",
+                     "--debugcon", "-", "--serial", "none", "--", str(probe),
+                     f"loop:{n}:{cmd}"], expect=0)
+    return seconds / n * 1e6
+
+
 def _qemu(accel: str) -> Callable[[Path], float]:
     def run(image: Path) -> float:
         return _time(["qemu-system-x86_64", "-accel", accel, "-machine", "pc,vmport=on",
@@ -308,6 +320,12 @@ def run_benchmarks(quick: bool = False, progress: Callable[[str], None] = lambda
             ("dm_kvm_traced", lambda: _per_call(_hvmport("kvm", "--trace", trace_file), kvm_s,
                                                 n_kvm), kvm_reason),
         ]
+        n_user = 2000 if quick else 10000
+        no_user = _user_unusable()
+        plan += [
+            ("hv_user", lambda: _user(n_user, GETVERSION), no_user),
+            ("dm_user", lambda: _user(n_user, STATUS), no_user),
+        ]
         no_qemu = None if qemu else "qemu-system-x86_64 not installed"
         plan.append(("qemu_kvm", lambda: _per_call(_qemu("kvm"), kvm_v, n_kvm),
                      no_qemu or kvm_reason))
@@ -333,6 +351,12 @@ def run_benchmarks(quick: bool = False, progress: Callable[[str], None] = lambda
             except RuntimeError as e:
                 res.skipped["bufioreq_writes"] = f"failed: {e}"
     return res
+
+
+def _user_unusable() -> str | None:
+    from hvmport.cpu.user import probe_ptrace
+
+    return probe_ptrace()
 
 
 def table(res: Results) -> str:

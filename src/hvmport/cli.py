@@ -38,7 +38,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from hvmport.hv import emulate
     from hvmport.hv.run import Image, RunConfig, run
 
-    if args.kernel is None:
+    program = _program(args)
+    if program is not None or (args.kernel is None and args.backend == "user"):
+        kernel = Path("/")
+    elif args.kernel is None:
         from hvmport import guests
 
         if args.mode is not None:
@@ -63,12 +66,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
         console=console, note=lambda text: print(f"hvmport: {text}", file=sys.stderr),
         device_model=args.vmware_port if args.device_model is None else args.device_model,
         dm_args=[["--serial", args.serial, *(["--qmp", args.qmp] if args.qmp else []),
+                   *(f"--guestinfo={kv}" for kv in args.guestinfo),
+                   *([] if args.guestrpc_hb else ["--no-guestrpc-hb"]),
+                   # Only when asked: a --dm-program need not know these options.
+                   *([f"--vmport-prop=vmware-vmx-version={args.vmware_version}"]
+                     if args.vmware_version != 6 else []),
+                   *([f"--vmport-prop=vmware-vmx-type={args.vmware_vmx_type}"]
+                     if args.vmware_vmx_type != 2 else []),
                    *args.dm_arg]]
         + [["--disable-vmport", "--bufioreq", "off", "--serial", "none", "--ports", ports]
            for ports in args.secondary_dm],
         spin_us=args.spin_us, dm_timeout=args.dm_timeout,
         dm_program=shlex.split(args.dm_program) if args.dm_program else None,
         trace=args.trace,
+        program=program, vmware_port_ring3=args.vmware_port_ring3,
+        vmware_version=args.vmware_version, vmware_vmx_type=args.vmware_vmx_type,
     )
     try:
         result = run(config)
@@ -76,9 +88,35 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if console_file is not None:
             console_file.close()
     is_debug_exit = result.status & 1
+    if program is not None:
+        from hvmport.cpu.user import is_program_end
+
+        # The program's own exit status is the run's; it said what it had to say.
+        is_debug_exit = is_debug_exit or is_program_end(result.reason)
     if result.status != emulate.STATUS_HALTED and not is_debug_exit:
         print(f"hvmport: {result.reason}", file=sys.stderr)
     return result.status
+
+
+def _key_value(text: str) -> str:
+    key, eq, _ = text.partition("=")
+    if not eq or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return text
+
+
+def _program(args: argparse.Namespace) -> list[str] | None:
+    """The program after ``--`` for ``--backend user``."""
+    program: list[str] = list(args.program or [])
+    if program and program[0] == "--":
+        program = program[1:]
+    if not program:
+        return None
+    if args.backend != "user":
+        raise ConfigError("a program after -- runs only with --backend user")
+    if args.kernel is not None:
+        raise ConfigError("--backend user runs a program, not --kernel")
+    return program
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -221,7 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run a Multiboot ELF kernel or a flat binary on KVM or Unicorn, with the "
         "VMware backdoor answered by the hypervisor. Exits with the guest's isa-debug-exit "
         "status ((value << 1) | 1), 0 when it halts, 4 on a guest fault, 6 when the domain "
-        "crashed, 124 on timeout.")
+        "crashed, 124 on timeout. With --backend user it runs an unmodified Linux program "
+        "(after --) instead, and exits with the program's status.")
     run.add_argument("--kernel", metavar="FILE",
                      help="Multiboot v1 ELF kernel, or a flat binary with --mode")
     run.add_argument("--mode", type=int, choices=(16, 32, 64),
@@ -230,8 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="physical load (and entry) address of a flat binary "
                      "(default 0x10000 in 16-bit mode, else 0x100000)")
     run.add_argument("--cmdline", default="", help="Multiboot command line")
-    run.add_argument("--backend", default="auto", choices=("auto", "kvm", "unicorn"),
-                     help="CPU backend; auto picks KVM when /dev/kvm answers (default auto)")
+    run.add_argument("--backend", default="auto", choices=("auto", "kvm", "unicorn", "user"),
+                     help="CPU backend; auto picks KVM when /dev/kvm answers (default auto); "
+                     "user runs an unmodified x86-64 Linux program (after --) natively under "
+                     "a ptrace supervisor that traps its port I/O and CPUID")
     run.add_argument("--memory", type=int, default=64, metavar="MiB",
                      help="guest RAM in MiB (default 64)")
     run.add_argument("--vcpus", type=int, default=1, metavar="N", help="vCPUs (default 1)")
@@ -270,6 +311,24 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--trace", metavar="FILE",
                      help="record the backdoor's and the ioreq servers' events, with the "
                      "device models', into FILE (see `hvmport trace`)")
+    run.add_argument("--guestinfo", action="append", default=[], metavar="KEY=VALUE",
+                     type=_key_value,
+                     help="GuestRPC: the guest's 'info-get guestinfo.KEY' answers VALUE "
+                     "(repeatable); read what the guest set with QMP hvmport-guestinfo-get")
+    run.add_argument("--vmware-version", type=_int, default=6, metavar="N",
+                     help="what GETVERSION answers in EAX (default 6; VMware's tools refuse "
+                     "any other)")
+    run.add_argument("--vmware-vmx-type", type=_int, default=2, metavar="N",
+                     help="the product type GETVERSION answers in ECX (default 2, ESX "
+                     "Server; 4 is Workstation)")
+    run.add_argument("--guestrpc-hb", action=argparse.BooleanOptionalAction, default=True,
+                     help="offer GuestRPC's high-bandwidth port 0x5659 (default on)")
+    run.add_argument("--vmware-port-ring3", action=argparse.BooleanOptionalAction,
+                     default=True,
+                     help="--backend user: the program's port I/O reaches the backdoor; off, "
+                     "it gets SIGSEGV as on bare metal (default on)")
+    run.add_argument("program", nargs=argparse.REMAINDER, metavar="-- PROGRAM [ARGS...]",
+                     help="with --backend user: the program to run and its arguments")
     run.set_defaults(func=_cmd_run)
 
     bench = sub.add_parser(

@@ -87,6 +87,8 @@ GUESTS: dict[str, Guest] = {
         Guest("cpl3", "backdoor calls from ring 3 (IOPL 0)", ("multiboot", "flat32")),
         Guest("smp", "per-vCPU backdoor calls for --smp-entry (ESI = vCPU id, EDI = count)",
               ("flat32", "flat64")),
+        Guest("guestrpc", "GuestRPC RPCs over the high-bandwidth port or 4-byte payloads, "
+              "as open-vm-tools sends them", ("multiboot", "flat64")),
         Guest("vmmouse", "device-model commands and the whole vmmouse sequence; "
               "'pointer=N' waits for N host pointer packets", ("multiboot", "flat32")),
         Guest("echo", "the serial console both ways: echoes each byte typed on COM1, 'q' "

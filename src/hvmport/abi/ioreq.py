@@ -38,6 +38,10 @@ IOREQ_SIZE = 32
 BUF_IOREQ_SIZE = 8
 PAGE_SIZE = 4096
 VMWARE_REGS_SIZE = 20
+#: hvmport extension: EBP of each vCPU (4 bytes, little-endian, vCPU n at + 4 * n) after
+#: the vmport registers slots of a page, for the high-bandwidth backdoor (string I/O on
+#: 0x5659), whose cookie half travels in EBP. Xen's page has nothing there.
+HVMPORT_VMPORT_EBP_OFFSET = 0xA00
 #: vCPUs one 4 KiB page serves: 128 ioreq slots, 204 vmware_regs entries.
 IOREQ_SLOTS_PER_PAGE = PAGE_SIZE // IOREQ_SIZE
 VMPORT_REGS_PER_PAGE = PAGE_SIZE // VMWARE_REGS_SIZE

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from hvmport.abi import dm_op as dmop
 from hvmport.abi import ioreq as abi
+from hvmport.abi import vmware as vmw
 from hvmport.core import bufring, slots
 from hvmport.core.clock import Clock
 from hvmport.core.pages import PageProvider
@@ -551,9 +552,27 @@ class Domain:
         if string and buffer_gpa is not None:
             req.data_is_ptr = True
             req.data = buffer_gpa
+            if self._carries_regs(server, req):
+                self._write_vmport_regs(server, vcpu, regs)
         elif is_write:
             req.data = value
         return self._send(server, vcpu, req, (port, size, is_write))
+
+    def _carries_regs(self, server: IoreqServer, req: abi.IoReq) -> bool:
+        """hvmport extension: a string access to the high-bandwidth backdoor port goes with
+        the registers (channel, cookie, status), in the vmport page of a vmport server."""
+        return (self.vmware_port and req.type == abi.IOREQ_TYPE_PIO and req.data_is_ptr
+                and req.addr == vmw.BDOORHB_PORT and PageKind.VMPORT in server.pages)
+
+    def _write_vmport_regs(self, server: IoreqServer, vcpu: int, regs: BackdoorRegs) -> None:
+        page = server.pages[PageKind.VMPORT]
+        off = vcpu * abi.VMWARE_REGS_SIZE
+        page.view[off:off + abi.VMWARE_REGS_SIZE] = abi.VmwareRegs(
+            regs.rsi & MASK32, regs.rdi & MASK32, regs.rbx & MASK32, regs.rcx & MASK32,
+            regs.rdx & MASK32,
+        ).pack()
+        ebp = abi.HVMPORT_VMPORT_EBP_OFFSET + 4 * vcpu
+        page.view[ebp:ebp + 4] = (regs.rbp & MASK32).to_bytes(4, "little")
 
     def mmio(self, vcpu: int, addr: int, size: int, is_write: bool, value: int, *,
              count: int = 1, df: bool = False) -> IoResult:
@@ -577,11 +596,7 @@ class Domain:
         if server is None or page is None:
             return IoResult(IoStatus.DONE, Route.NULL, None if is_write else slots.size_mask(size),
                             command=command)
-        off = vcpu * abi.VMWARE_REGS_SIZE
-        page.view[off:off + abi.VMWARE_REGS_SIZE] = abi.VmwareRegs(
-            regs.rsi & MASK32, regs.rdi & MASK32, regs.rbx & MASK32, regs.rcx & MASK32,
-            regs.rdx & MASK32,
-        ).pack()
+        self._write_vmport_regs(server, vcpu, regs)
         qemu_type = server.flags & dmop.HVMPORT_IOREQSRV_VMPORT_QEMU_TYPE
         req = abi.IoReq(addr=port, data=regs.rax & MASK64, size=size, count=1,
                         type=abi.IOREQ_TYPE_VMWARE_PORT_QEMU_COMPAT if qemu_type
@@ -641,7 +656,7 @@ class Domain:
             base.reason = polled.reason
             return self._finish(base, req, polled.data, None)
         vmregs = None
-        if req.type in VMPORT_TYPES:
+        if req.type in VMPORT_TYPES or self._carries_regs(server, req):
             # Review point R10: the registers come from the server that handled the request.
             page = server.pages.get(PageKind.VMPORT)
             if page is not None:
@@ -652,7 +667,7 @@ class Domain:
     def _finish(self, result: IoResult, req: abi.IoReq, data: int,
                 vmport: tuple[BackdoorRegs, abi.VmwareRegs | None] | None) -> IoResult:
         vr = vmport[1] if vmport is not None else None
-        if req.type in VMPORT_TYPES and vmport is not None and vr is not None:
+        if vmport is not None and vr is not None:
             regs = vmport[0]
             result.regs = BackdoorRegs(
                 regs.rax,
@@ -661,6 +676,7 @@ class Domain:
                 (regs.rdx & ~MASK32 & MASK64) | vr.edx,
                 (regs.rsi & ~MASK32 & MASK64) | vr.esi,
                 (regs.rdi & ~MASK32 & MASK64) | vr.edi,
+                regs.rbp,
             )
         if req.dir == abi.IOREQ_READ and not req.data_is_ptr:
             result.value = data & slots.size_mask(req.size)

@@ -40,6 +40,8 @@ class BackdoorRegs:
     rdx: int
     rsi: int
     rdi: int
+    #: Only the high-bandwidth port (string I/O on 0x5659) uses it.
+    rbp: int = 0
 
 
 class Outcome(enum.Enum):
@@ -66,6 +68,10 @@ class BackdoorPlatform:
     vmware_hwver: int
     #: The domain's RTC offset from UTC in seconds (``time_offset.seconds``).
     time_offset_s: int = 0
+    #: What GETVERSION answers in EAX and ECX (hvmport knobs; v14 fixes them at 6 and
+    #: 2): clients refuse other versions, and print the product type.
+    version: int = vm.VERSION_MAGIC
+    vmx_type: int = vm.VMX_TYPE_SCALABLE_SERVER
 
 
 def _set32(old: int, value: int) -> int:
@@ -89,9 +95,9 @@ def backdoor(
     if cmd == vm.BDOOR_CMD_GETMHZ:
         new_eax = platform.tsc_khz // 1000
     elif cmd == vm.BDOOR_CMD_GETVERSION:
-        new_eax = vm.VERSION_MAGIC
+        new_eax = platform.version
         out.rbx = _set32(out.rbx, vm.BDOOR_MAGIC)
-        out.rcx = _set32(out.rcx, vm.VMX_TYPE_SCALABLE_SERVER)
+        out.rcx = _set32(out.rcx, platform.vmx_type)
     elif cmd == vm.BDOOR_CMD_GETHWVERSION:
         new_eax = platform.vmware_hwver or vm.VMWARE_HWVER_DEFAULT_ANSWER
     elif cmd == vm.BDOOR_CMD_GETHZ:

@@ -53,6 +53,8 @@ class ServerInfo:
 
 class DeviceModel:
     def __init__(self, path: str) -> None:
+        #: The guest's RAM size, known once map_guest_memory has run.
+        self.guest_ram_size = 0
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         try:
             self.sock.connect(path)
@@ -165,7 +167,10 @@ class DeviceModel:
         try:
             if reply.rc or len(fds) != 1:
                 raise DmOpError("map_guest_memory", -reply.rc if reply.rc else 22)
-            return mmap.mmap(fds[0], reply.value, mmap.MAP_SHARED,
+            self.guest_ram_size = reply.value
+            mapped = int.from_bytes(reply.payload[:8], "little") if len(reply.payload) >= 8 \
+                else reply.value
+            return mmap.mmap(fds[0], mapped, mmap.MAP_SHARED,
                              mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
             for fd in fds:

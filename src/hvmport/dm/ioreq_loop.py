@@ -42,6 +42,9 @@ class PortDevices(Protocol):
 #: Runs one backdoor access: (registers eax..edi as a 6-list, is_write, size) -> value read.
 #: It updates the list in place with the registers to hand back.
 VmportHandler = Callable[[list[int], bool, int], int]
+#: Runs one string access that carries registers (the high-bandwidth backdoor):
+#: ([ebx, ecx, edx, esi, edi, ebp], guest_to_host, the guest buffer); updates the list.
+StringHandler = Callable[[list[int], bool, memoryview], None]
 
 
 @dataclass(slots=True)
@@ -78,6 +81,8 @@ class IoreqLoop:
     #: Where trace events go (None: off), and the server id they name.
     tracer: Tracer | None = None
     server_id: int = 0
+    #: Ports whose string I/O comes with registers in the vmport page (hvmport extension).
+    string_ports: dict[int, StringHandler] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._slots = memoryview(self.ioreq_page)
@@ -219,6 +224,25 @@ class IoreqLoop:
                                   _regs32([eax, *regs[1:]]), time.monotonic_ns() - t0)
         return value & ones
 
+    def _string_with_regs(self, vcpu: int, req: abi.IoReq, mem: mmap.mmap,
+                          handler: StringHandler) -> None:
+        page = self.vmport_page
+        off = vcpu * abi.VMWARE_REGS_SIZE
+        ebp_off = abi.HVMPORT_VMPORT_EBP_OFFSET + 4 * vcpu
+        if page is None or req.df or req.size != 1 or ebp_off + 4 > len(page):
+            self._reject(f"vCPU {vcpu}: string I/O on {req.addr:#x} this device model "
+                         "cannot serve")
+            return
+        self.stats.vmport += 1
+        vr = abi.VmwareRegs.unpack(page, off)
+        regs = [vr.ebx, vr.ecx, vr.edx, vr.esi, vr.edi,
+                int.from_bytes(page[ebp_off:ebp_off + 4], "little")]
+        with memoryview(mem) as view, view[req.data:req.data + req.count] as buffer:
+            handler(regs, req.dir == abi.IOREQ_WRITE, buffer)
+        page[off:off + abi.VMWARE_REGS_SIZE] = abi.VmwareRegs(
+            regs[3] & MASK32, regs[4] & MASK32, regs[0] & MASK32, regs[1] & MASK32,
+            regs[2] & MASK32).pack()
+
     def _guest_span(self, vcpu: int, req: abi.IoReq) -> mmap.mmap | None:
         """Guest memory if the whole REP buffer lies inside it, else None (and say so)."""
         mem = self.guest_memory
@@ -250,6 +274,10 @@ class IoreqLoop:
     def _pio_string(self, vcpu: int, req: abi.IoReq, ones: int) -> int | None:
         mem = self._guest_span(vcpu, req)
         if mem is None:
+            return None
+        handler = self.string_ports.get(req.addr)
+        if handler is not None:
+            self._string_with_regs(vcpu, req, mem, handler)
             return None
         step = -req.size if req.df else req.size
         for i in range(req.count):

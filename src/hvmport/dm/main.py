@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import ctypes
 import errno
+import json
 import os
 import signal
 import socket
@@ -29,6 +30,7 @@ from hvmport.abi import dm_op as dmop
 from hvmport.abi import ioreq as abi
 from hvmport.dm.client import DeviceModel, EventChannel
 from hvmport.dm.devices.bus import PortBus
+from hvmport.dm.devices.guestrpc import BDOOR_CMD_MESSAGE, HB_PORT, GuestRpc
 from hvmport.dm.devices.i8042 import I8042
 from hvmport.dm.devices.mmio import MmioBus
 from hvmport.dm.devices.scratch import MAX_SCRATCH, ScratchRegisters
@@ -36,7 +38,7 @@ from hvmport.dm.devices.uart import Uart16550
 from hvmport.dm.devices.vmmouse import Vmmouse
 from hvmport.dm.devices.vmport import Vmport, VmportProperties, VmportRegs
 from hvmport.dm.ioreq_loop import IoreqLoop
-from hvmport.dm.monitor import Monitor
+from hvmport.dm.monitor import Monitor, guestinfo_commands
 from hvmport.dm.qmp import Json
 from hvmport.dm.qmp import event as qmp_event
 from hvmport.dm.qmp_server import QmpServer
@@ -132,6 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="machine options as libxl passes them to QEMU; vmport=off leaves "
                    "the VMware port (and vmmouse) to nobody")
     p.add_argument("--qmp", metavar="PATH", help="serve QMP on this Unix socket")
+    p.add_argument("--guestinfo", type=_guestinfo, action="append", default=[],
+                   metavar="KEY=VALUE", help="GuestRPC: set guestinfo.KEY (repeatable)")
+    p.add_argument("--guestrpc", action=argparse.BooleanOptionalAction, default=True,
+                   help="answer GuestRPC (backdoor command 30) (default on)")
+    p.add_argument("--guestrpc-hb", action=argparse.BooleanOptionalAction, default=True,
+                   help="offer GuestRPC's high-bandwidth port 0x5659 (default on)")
+    p.add_argument("--stats-file", metavar="PATH",
+                   help="write the GuestRPC counters here as JSON when the device model ends")
     p.add_argument("--spin-us", type=float, default=100.0,
                    help="spin on the slots this long after work before blocking")
     p.add_argument("--trace", metavar="FILE",
@@ -151,6 +161,7 @@ class DeviceModelProcess:
         self.vmport: Vmport | None = None
         self.vmmouse: Vmmouse | None = None
         self.i8042: I8042 | None = None
+        self.guestrpc: GuestRpc | None = None
         self._irq_levels: dict[int, int] = {}
         self.uart: Uart16550 | None = None
         self.monitor: Monitor | None = None
@@ -237,6 +248,13 @@ class DeviceModelProcess:
                 uuid=_uuid_bytes(self.args.uuid))
             self.vmport = Vmport(props)
             self.vmmouse = Vmmouse(self.vmport, self.i8042.fake_aux_movement)
+            if self.args.guestrpc:
+                self.guestrpc = GuestRpc(dict(self.args.guestinfo),
+                                         high_bandwidth=self.args.guestrpc_hb)
+                self.vmport.register(BDOOR_CMD_MESSAGE, self.guestrpc.message)
+                if self.args.guestrpc_hb:
+                    # Only string I/O reaches it: IN/OUT on 0x5659 stay the backdoor's.
+                    ranges.append((HB_PORT, HB_PORT))
         for first, last in self.args.ports:
             self.bus.register(first, last, ScratchRegisters(first, last), "scratch")
             ranges.append((first, last))
@@ -262,7 +280,7 @@ class DeviceModelProcess:
             flags |= dmop.HVMPORT_IOREQSRV_VMPORT_QEMU_TYPE
         sid = c.create_ioreq_server(domid, flags)
         guest = c.map_guest_memory(domid)
-        ranges = self.build_devices(len(guest))
+        ranges = self.build_devices(c.guest_ram_size)
         buf_page = c.map_resource(domid, sid, 0)[0] if flags & 3 else None
         ioreq_page = c.map_resource(domid, sid, 1)[0]
         vmport_page = None
@@ -298,17 +316,37 @@ class DeviceModelProcess:
         )
         if self._console is not None:
             loop.watch_providers.append(self._console_watch)
+        if self.guestrpc is not None and args.guestrpc_hb:
+            loop.string_ports[HB_PORT] = self.guestrpc.high_bandwidth_call
         if args.qmp:
             self.monitor = Monitor(self.vmmouse, self.i8042, machine=_Machine(c, domid),
                                    emit=self._emit)
-            self.qmp = QmpServer(args.qmp, self.monitor.commands(),
-                                 after_reply=self.monitor.run_deferred)
+            commands = self.monitor.commands()
+            if self.guestrpc is not None:
+                commands.update(guestinfo_commands(self.guestrpc.guestinfo,
+                                                   self.guestrpc_stats))
+            self.qmp = QmpServer(args.qmp, commands, after_reply=self.monitor.run_deferred)
             loop.watch_providers.append(self.qmp.watch)
         return loop
 
     def _emit(self, name: str, data: Json | None) -> None:
         if self.qmp is not None:
             self.qmp.broadcast(qmp_event(name, data))
+
+    def guestrpc_stats(self) -> dict[str, object]:
+        rpc = self.guestrpc
+        if rpc is None:
+            return {}
+        s = rpc.stats
+        return {"calls": {str(k): v for k, v in sorted(s.calls.items())}, "rpcs": s.rpcs,
+                "hb-out": s.hb_out, "hb-in": s.hb_in, "rejected": s.rejected,
+                "vmport-commands": {str(k): v for k, v in sorted(
+                    self.vmport.commands.items())} if self.vmport is not None else {}}
+
+    def write_stats(self) -> None:
+        if self.args.stats_file:
+            with open(self.args.stats_file, "w") as f:
+                json.dump(self.guestrpc_stats(), f)
 
     def _hypervisor_gone(self) -> bool:
         # The hypervisor never writes unprompted: readable means it closed the socket,
@@ -350,6 +388,13 @@ def _console_socket(spec: str) -> socket.socket:
     return sock
 
 
+def _guestinfo(text: str) -> tuple[str, str]:
+    key, eq, value = text.partition("=")
+    if not eq or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key.removeprefix("guestinfo."), value
+
+
 def _uuid_bytes(text: str) -> bytes:
     hexdigits = text.replace("-", "")
     try:
@@ -387,6 +432,7 @@ def main(argv: Sequence[str] | None = None,
     try:
         with contextlib.suppress(KeyboardInterrupt):
             loop.run()
+        dm.write_stats()
     finally:
         if dm.tracer is not None:
             dm.tracer.close()

@@ -8,7 +8,7 @@ doubled to 0..0xFFFE there), and PS/2 mouse motion otherwise.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from typing import Any, Protocol
 
 from hvmport import __version__
@@ -204,3 +204,32 @@ class Monitor:
                 vm.queue_event(dx, dy, dz, self.buttons)
         elif self.i8042 is not None:
             self.i8042.mouse_event(dx, dy, dz, self.buttons)
+
+
+def guestinfo_commands(guestinfo: MutableMapping[str, str],
+                       stats: Callable[[], Json] | None = None) -> dict[str, Handler]:
+    """hvmport's GuestRPC commands: the guestinfo store the guest reaches with ``info-get``
+    and ``info-set guestinfo.KEY``. Keys are given without the ``guestinfo.`` prefix."""
+
+    def guestinfo_set(args: Json) -> None:
+        check_args(args, {"key": str, "value": str}, ("key", "value"))
+        key, value = args["key"], args["value"]
+        if not key or key.startswith("guestinfo."):
+            raise QmpError("'key' is the name after 'guestinfo.', and not empty")
+        guestinfo[key] = value
+
+    def guestinfo_get(args: Json) -> Json:
+        check_args(args, {"key": str})
+        if "key" in args:
+            key = args["key"]
+            if key not in guestinfo:
+                raise QmpError(f"guestinfo.{key} is not set")
+            return {"key": key, "value": guestinfo[key]}
+        return {"values": dict(guestinfo)}
+
+    def query_guestrpc(args: Json) -> Json:
+        check_args(args, {})
+        return stats() if stats is not None else {}
+
+    return {"hvmport-guestinfo-set": guestinfo_set, "hvmport-guestinfo-get": guestinfo_get,
+            "query-hvmport-guestrpc": query_guestrpc}

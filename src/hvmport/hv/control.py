@@ -197,7 +197,11 @@ class ControlServer:
         if req.kind == ctl.CTL_NR_VCPUS:
             return ctl.Reply(0, self.domain.nr_vcpus), []
         if req.kind == ctl.CTL_MAP_GUEST_MEMORY:
-            return ctl.Reply(0, self.memory.size), [self.memory.fd]
+            # value: the guest's RAM; payload (hvmport extension): how much to map, RAM
+            # and the hypervisor's string-I/O staging area after it.
+            return (ctl.Reply(0, self.memory.size,
+                              payload=self.memory.mapped_size.to_bytes(8, "little")),
+                    [self.memory.fd])
         if req.kind == ctl.CTL_MAP_RESOURCE:
             return self._map_resource(peer, *req.args)
         return self._bind(peer, req.args[0])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Protocol
 
@@ -21,6 +22,7 @@ from hvmport.core.domain import VMPORT_TYPES, Domain, IoResult, IoStatus, Route
 from hvmport.core.slots import size_mask
 from hvmport.core.vmport import BackdoorRegs, apply_in
 from hvmport.cpu.base import MmioAccess, PortAccess, Regs, VcpuContext, VcpuStop
+from hvmport.hv.memory import GuestMemory
 from hvmport.hv.pic import PORTS as PIC_PORTS
 from hvmport.hv.pic import Pic
 from hvmport.trace.recorder import Regs as Regs32
@@ -35,6 +37,9 @@ STATUS_GUEST_FAULT = 4
 STATUS_DOMAIN_CRASHED = 6
 STATUS_HOST_ERROR = 8
 STATUS_TIMEOUT = 124
+#: Each vCPU's string-I/O staging window after guest RAM: one REP of up to a GuestRPC
+#: message. vCPUs have their own, so concurrent REPs never share bytes.
+STAGING_BYTES = 64 * 1024
 
 #: Waits for a forwarded request to complete: (vcpu, event-channel port, registers, what
 #: the access was, for messages) -> IoResult.
@@ -57,7 +62,28 @@ class DomainCrashed(VcpuStop):
 
 
 def _backdoor_regs(regs: Regs) -> BackdoorRegs:
-    return BackdoorRegs(regs.rax, regs.rbx, regs.rcx, regs.rdx, regs.rsi, regs.rdi)
+    return BackdoorRegs(regs.rax, regs.rbx, regs.rcx, regs.rdx, regs.rsi, regs.rdi, regs.rbp)
+
+
+class Staging:
+    """Where the hypervisor stages REP INS/OUTS data for a ``data_is_ptr`` request.
+
+    Xen hands the device model the guest's own buffer address. Our backends hand the
+    hypervisor the bytes instead (KVM's exit carries them, the user backend's program
+    memory is no guest-physical memory at all), so the hypervisor copies them to a
+    window of the domain's memfd that no guest can reach (after its RAM) and forwards one
+    request pointing there: the device model sees one request per REP, as under Xen.
+    """
+
+    def __init__(self, memory: GuestMemory, size: int = STAGING_BYTES) -> None:
+        self.memory = memory
+        self.size = size
+        self.windows = memory.staging // size
+
+    def gpa(self, vcpu: int) -> int:
+        if not 0 <= vcpu < self.windows:
+            raise ValueError(f"no staging window for vCPU {vcpu}")
+        return self.memory.size + vcpu * self.size
 
 
 class Emulator:
@@ -66,7 +92,8 @@ class Emulator:
     def __init__(self, domain: Domain, console: ConsoleSink | None,
                  waiter: Waiter | None = None, pic: Pic | None = None,
                  domain_lock: threading.Lock | None = None,
-                 tracer: Tracer | None = None) -> None:
+                 tracer: Tracer | None = None,
+                 staging: Staging | None = None) -> None:
         self.domain = domain
         #: Where trace events go; None (tracing off) costs an ``is not None`` test or two
         #: per access.
@@ -81,6 +108,9 @@ class Emulator:
         # socket drives interrupt lines while it holds the domain lock.
         self.domain_lock = domain_lock or threading.Lock()
         self.pic_lock = threading.Lock()
+        self.staging = staging
+        #: (route, backdoor command or None) -> how many accesses took that way.
+        self.routes: Counter[tuple[str, int | None]] = Counter()
 
     def port_io(self, ctx: VcpuContext, access: PortAccess) -> bytes | None:
         port = access.port
@@ -136,10 +166,13 @@ class Emulator:
                                      value, bregs, cpl)
         if tracer is not None and in_backdoor:
             _trace_backdoor(tracer, ctx.vcpu_id, access, bregs, result, t0)
+        command = result.command  # the forwarded request's completion does not carry it
         if result.status is IoStatus.WAIT:
             result = self._wait(ctx.vcpu_id, result, bregs, f"port {access.port:#x}")
         if result.status is IoStatus.CRASHED:
             raise DomainCrashed(result.reason)
+        if in_backdoor:
+            self.routes[(result.route.value, command)] += 1
         if result.regs is not None and regs is not None:
             new = regs.copy()
             new.rbx, new.rcx, new.rdx = result.regs.rbx, result.regs.rcx, result.regs.rdx
@@ -153,7 +186,11 @@ class Emulator:
         return _read_bytes(result, access.size)
 
     def _string(self, ctx: VcpuContext, access: PortAccess) -> bytes | None:
-        # Element by element: our backends hand over the data, not guest addresses.
+        staging = self.staging
+        span = access.size * access.count
+        if staging is not None and span <= staging.size:
+            return self._string_staged(ctx, access, staging)
+        # Element by element: no staging area to point a data_is_ptr request at.
         out = bytearray()
         for i in range(access.count):
             off = i * access.size
@@ -172,6 +209,37 @@ class Emulator:
                 else:
                     out += _read_bytes(result, access.size)
         return None if access.is_write else bytes(out)
+
+    def _string_staged(self, ctx: VcpuContext, access: PortAccess,
+                       staging: Staging) -> bytes | None:
+        span = access.size * access.count
+        # The high-bandwidth backdoor's registers travel with its string I/O.
+        hb = access.port == vm.BDOORHB_PORT and self.domain.vmware_port
+        regs = ctx.get_regs() if hb else None
+        bregs = _backdoor_regs(regs) if regs is not None else _NO_REGS
+        # Elements are staged in the order the instruction moves them, so the request
+        # always steps upwards (df = 0) whatever the guest's direction flag.
+        gpa = staging.gpa(ctx.vcpu_id)
+        staging.memory.write(gpa, access.data if access.is_write else b"\xff" * span)
+        with self.domain_lock:
+            result = self.domain.pio(ctx.vcpu_id, access.port, access.size, access.is_write,
+                                     0, bregs, ctx.cpl() if hb else 0, string=True,
+                                     count=access.count, buffer_gpa=gpa)
+        if result.status is IoStatus.WAIT:
+            result = self._wait(ctx.vcpu_id, result, bregs, f"port {access.port:#x}")
+        if result.status is IoStatus.CRASHED:
+            raise DomainCrashed(result.reason)
+        self.routes[(result.route.value, None)] += 1
+        if result.regs is not None and regs is not None and result.regs != bregs:
+            new = regs.copy()
+            new.rbx, new.rcx, new.rdx = result.regs.rbx, result.regs.rcx, result.regs.rdx
+            new.rsi, new.rdi = result.regs.rsi, result.regs.rdi
+            ctx.set_regs(new)
+        if access.is_write:
+            return None
+        if result.route is Route.NULL:
+            return b"\xff" * span
+        return staging.memory.read(gpa, span)
 
     def mmio(self, ctx: VcpuContext, access: MmioAccess) -> bytes | None:
         """An access to the MMIO hole: an ioreq server's MEMORY range, or the null handler."""

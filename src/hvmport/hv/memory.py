@@ -32,16 +32,22 @@ def check_memory_mib(mib: int) -> None:
 class GuestMemory:
     """Guest-physical RAM from address 0, backed by a memfd."""
 
-    def __init__(self, size_mib: int, name: str = "hvmport-guest") -> None:
+    def __init__(self, size_mib: int, name: str = "hvmport-guest", *,
+                 staging: int = 0) -> None:
         check_memory_mib(size_mib)
         self.size = size_mib * MIB
+        #: Bytes after RAM in the same memfd, outside every backend's view of the guest:
+        #: where the hypervisor stages string I/O for ``data_is_ptr`` requests, at
+        #: guest-physical ``self.size`` for a device model that maps ``mapped_size``.
+        self.staging = staging
+        self.mapped_size = self.size + staging
         try:
             self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
         except OSError as e:  # pragma: no cover - memfd exists on every supported kernel
             raise HostError(f"memfd_create failed: {e.strerror}") from e
         try:
-            os.ftruncate(self.fd, self.size)
-            self.map = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED,
+            os.ftruncate(self.fd, self.mapped_size)
+            self.map = mmap.mmap(self.fd, self.mapped_size, mmap.MAP_SHARED,
                                  mmap.PROT_READ | mmap.PROT_WRITE)
         except OSError as e:
             os.close(self.fd)
@@ -52,7 +58,7 @@ class GuestMemory:
         self.host_address: int = ctypes.addressof(self._anchor)
 
     def _check(self, gpa: int, length: int) -> None:
-        if gpa < 0 or length < 0 or gpa + length > self.size:
+        if gpa < 0 or length < 0 or gpa + length > self.mapped_size:
             raise ValueError(f"guest range {gpa:#x}+{length:#x} outside {self.size:#x} bytes")
 
     def read(self, gpa: int, length: int) -> bytes:

@@ -9,6 +9,7 @@ it raise.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import queue
 import shutil
@@ -23,7 +24,17 @@ from hvmport import atomic
 from hvmport.core.clock import Clock
 from hvmport.core.cpuid import hypervisor_leaves
 from hvmport.core.domain import Crash, Domain
-from hvmport.cpu.base import Exit, ExitKind, Mode, StartState, Vcpu, Vm, VmConfig
+from hvmport.cpu.base import (
+    Backend,
+    Exit,
+    ExitKind,
+    Mode,
+    Regs,
+    StartState,
+    Vcpu,
+    Vm,
+    VmConfig,
+)
 from hvmport.cpu.select import select_backend
 from hvmport.errors import ConfigError
 from hvmport.hv import emulate
@@ -99,6 +110,15 @@ class RunConfig:
     #: Record trace events (docs/tracing.md) of this process and of hvmport's own device
     #: models into this file.
     trace: str | None = None
+    #: ``--backend user``: the program (and its arguments) to run under the ptrace
+    #: supervisor instead of loading ``image``.
+    program: list[str] | None = None
+    #: What GETVERSION answers (EAX, ECX), in the hypervisor and the device model.
+    vmware_version: int = 6
+    vmware_vmx_type: int = 2
+    #: The per-domain ring-3 policy of the user backend: its port I/O reaches the
+    #: backdoor (on) or is a SIGSEGV as on bare metal (off).
+    vmware_port_ring3: bool = True
 
 
 @dataclass(slots=True)
@@ -107,6 +127,9 @@ class RunResult:
     reason: str
     backend: str
     ending: Ending = Ending.POWEROFF
+    #: (route, backdoor command or None) -> accesses: which backdoor calls the hypervisor
+    #: answered ("internal") and which went to a device model ("server").
+    routes: dict[tuple[str, int | None], int] = field(default_factory=dict)
 
 
 def validate(config: RunConfig) -> None:
@@ -115,8 +138,20 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(f"vcpus={config.vcpus}: must be 1..{MAX_VCPUS}")
     if config.vmware_hwver < 0 or config.vmware_hwver > 0xFFFFFFFF:
         raise ConfigError(f"vmware_hwver={config.vmware_hwver} is out of range")
+    for name in ("vmware_version", "vmware_vmx_type"):
+        if not 0 <= getattr(config, name) <= 0xFFFFFFFF:
+            raise ConfigError(f"{name}={getattr(config, name)} is out of range")
     if config.timeout is not None and config.timeout <= 0:
         raise ConfigError("--timeout must be positive")
+    if config.program is not None:
+        if config.backend != "user":
+            raise ConfigError("a program to run needs --backend user")
+        if config.vcpus != 1 or config.smp_entry:
+            raise ConfigError("--backend user runs one program as one vCPU")
+        return
+    if config.backend == "user":
+        raise ConfigError("--backend user needs a program: hvmport run --backend user "
+                          "-- PROGRAM [ARGS...]")
     if config.smp_entry and config.image.flat_mode is None:
         raise ConfigError("--smp-entry needs a flat binary (--mode 16|32|64)")
     if not config.image.path.is_file():
@@ -147,20 +182,28 @@ def _run_dir() -> Iterator[str]:
 
 def run(config: RunConfig, clock: Clock | None = None) -> RunResult:
     validate(config)
-    backend, picked = select_backend(config.backend)
+    if config.program is not None:
+        from hvmport.cpu.user import UserBackend
+
+        backend: Backend = UserBackend(config.program, ring3=config.vmware_port_ring3)
+        picked = "user (the program runs natively under a ptrace supervisor)"
+    else:
+        backend, picked = select_backend(config.backend)
     config.note(f"backend: {picked}")
     from hvmport.hv import loader
 
     events: queue.Queue[Event] = queue.Queue()
     lifecycle = config.lifecycle or Lifecycle()
-    with GuestMemory(config.memory_mib) as memory, _run_dir() as rundir, \
-            contextlib.ExitStack() as stack:
+    staging = emulate.STAGING_BYTES * config.vcpus
+    with GuestMemory(config.memory_mib, staging=staging) as memory, \
+            _run_dir() as rundir, contextlib.ExitStack() as stack:
         tracing = (RunTrace.start(config.trace, config.domid, rundir, config.note)
                    if config.trace else None)
         if tracing is not None:
             # Registered first, so it runs last: once every device model has ended.
             stack.callback(tracing.finish)
-        start = _load(config, memory)
+        start = (StartState(Mode.LONG64, Regs()) if config.program is not None
+                 else _load(config, memory))
         cpuid: dict[tuple[int, int], tuple[int, int, int, int]] = {}
         vm = backend.create_vm(VmConfig(memory, config.vcpus, cpuid, hypervisor_bit=True))
         stack.callback(vm.close)
@@ -185,6 +228,8 @@ def run(config: RunConfig, clock: Clock | None = None) -> RunResult:
             events.put((-1, Exit(ExitKind.STOPPED, f"domain crashed: {crash.reason}",
                                  emulate.STATUS_DOMAIN_CRASHED)))
 
+        domain.platform = dataclasses.replace(domain.platform, version=config.vmware_version,
+                                              vmx_type=config.vmware_vmx_type)
         domain.on_crash = crashed
         stack.callback(setattr, domain, "on_crash", None)  # no cycle outliving the run
         # Interrupt lines go to the in-kernel irqchip where the backend has one, else to
@@ -192,7 +237,8 @@ def run(config: RunConfig, clock: Clock | None = None) -> RunResult:
         kernel_irq = _irq_sink(vm)
         emulator = emulate.Emulator(domain, config.console, waiter,
                                     pic=None if kernel_irq else Pic(), domain_lock=lock,
-                                    tracer=tracing.tracer if tracing is not None else None)
+                                    tracer=tracing.tracer if tracing is not None else None,
+                                    staging=emulate.Staging(memory))
         irq_sink = kernel_irq or emulator.set_irq
         if config.device_model:
             control = ControlServer(config.control_path or os.path.join(rundir, "control"),
@@ -217,7 +263,7 @@ def run(config: RunConfig, clock: Clock | None = None) -> RunResult:
             stack.callback(v.close)
         status, reason, ending = _drive([vcpus[i] for i in runnable], emulator,
                                         config.timeout, events, lifecycle)
-    return RunResult(status, reason, backend.name, ending)
+    return RunResult(status, reason, backend.name, ending, dict(emulator.routes))
 
 
 def _irq_sink(vm: Vm) -> Callable[[int, int], None] | None:

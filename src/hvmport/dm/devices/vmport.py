@@ -139,6 +139,8 @@ class Vmport:
         #: Keys are 8-bit commands, so the dict never exceeds 256 entries.
         self.unknown_commands: dict[int, int] = {}
         self.bad_magic = 0
+        #: Calls per 8-bit command that had a handler (diagnostics, QMP).
+        self.commands: dict[int, int] = {}
         self.register(vm.BDOOR_CMD_GETVERSION, self._cmd_getversion)
         self.register(vm.BDOOR_CMD_GETMEMSIZE, self._cmd_getramsize)
         if self.props.x_cmds_v2:
@@ -196,6 +198,7 @@ class Vmport:
             if handler is None:
                 self.unknown_commands[cmd] = self.unknown_commands.get(cmd, 0) + 1
         if handler is not None:
+            self.commands[cmd] = self.commands.get(cmd, 0) + 1
             result = handler(regs) & MASK32
             regs.truncate()
         elif p.x_signal_unsupported_cmd:
