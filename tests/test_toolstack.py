@@ -368,3 +368,11 @@ def test_a_domain_restarting_in_a_loop_is_left_crashed(xl: Xl) -> None:
     assert "restarting too fast" in log
     assert xl("destroy", "loop").returncode == 0
     assert xl.leftovers() == []
+
+
+def test_guestinfo_from_the_config_reaches_the_guest(xl: Xl, backend: str) -> None:
+    cfg = xl.cfg("rpc", guest("guestrpc"), "vmware_hwver = 7", f'cpu_backend = "{backend}"',
+                 'guestinfo = ["x=from the config"]', 'debugcon = "file:rpc.debug"')
+    assert xl("create", "-F", str(cfg)).returncode == 1
+    lines = (xl.tmp / "rpc.debug").read_text().splitlines()
+    assert any(ln.endswith("rpc hb 1 from the config") for ln in lines), lines

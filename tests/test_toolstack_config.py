@@ -126,10 +126,18 @@ def test_unknown_options_are_warned_about_not_refused(tmp_path: Path, kernel: Pa
     assert cfg.ignored == (f"{tmp_path / 'dom.cfg'}:3:1: unknown option 'vif' ignored",)
 
 
+def test_guestinfo_values_for_guestrpc(tmp_path: Path, kernel: Path) -> None:
+    cfg = load(tmp_path, 'name = "a"\nkernel = "guest.elf"\n'
+               'guestinfo = ["x=from the host", "guestinfo.y=", "z=a=b"]\n')
+    assert cfg.guestinfo == (("x", "from the host"), ("y", ""), ("z", "a=b"))
+    with pytest.raises(ConfigError, match=r"dom\.cfg:3:.*expected \"KEY=VALUE\""):
+        load(tmp_path, 'name = "a"\nkernel = "guest.elf"\nguestinfo = ["novalue"]\n')
+
+
 def test_the_json_form_round_trips(tmp_path: Path, kernel: Path) -> None:
     cfg = load(tmp_path, 'name = "a"\nkernel = "guest.elf"\nvmware_hwver = 7\nmemory = 32\n'
                'serial = "file:s.txt"\ndevice_model_args = ["--spin-us", "5"]\n'
-               'on_crash = "preserve"\ncmdline = "pointer=2"\n')
+               'on_crash = "preserve"\ncmdline = "pointer=2"\nguestinfo = ["k=v w"]\n')
     again = config.from_json(config.to_json(cfg))
     assert config.to_json(again) == config.to_json(cfg)
     assert again.device_model_args == ("--spin-us", "5")

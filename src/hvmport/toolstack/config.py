@@ -33,6 +33,7 @@ KNOWN_KEYS = frozenset({
     "name", "type", "builder", "memory", "maxmem", "vcpus", "maxvcpus", "kernel", "ramdisk",
     "cmdline", "serial", "on_poweroff", "on_reboot", "on_crash", "vmware_hwver",
     "vmware_port", "nestedhvm", "device_model_args", "cpu_backend", "debugcon", "uuid",
+    "guestinfo",
 })
 
 
@@ -62,6 +63,8 @@ class DomainConfig:
     vmware_hwver: int = 0
     vmware_port: bool = False
     device_model_args: tuple[str, ...] = ()
+    #: GuestRPC guestinfo values the guest reads with ``info-get guestinfo.KEY``.
+    guestinfo: tuple[tuple[str, str], ...] = ()
     cpu_backend: str = "auto"
     #: Where port 0xe9 output goes: "console" (the serial console), "none" or "file:PATH".
     debugcon: str = "console"
@@ -147,6 +150,7 @@ def from_settings(cfg: xlcfg.XlConfig, base: Path) -> DomainConfig:
         on_crash=reader.action("on_crash", "destroy"),
         vmware_hwver=hwver, vmware_port=vmware_port,
         device_model_args=tuple(reader.strings("device_model_args")),
+        guestinfo=_guestinfo(reader),
         cpu_backend=reader.choice("cpu_backend", "auto", BACKENDS),
         debugcon=_debugcon(reader, base),
         uuid=reader.string("uuid", None) or NIL_UUID,
@@ -183,6 +187,18 @@ def _serial(reader: _Reader, base: Path) -> Serial:
         return Serial("file", str(base / text[5:]))
     raise spec.pos.error(f"serial={text!r}: hvmport supports 'pty', 'stdio', 'file:PATH' and "
                          "'none'")
+
+
+def _guestinfo(reader: _Reader) -> tuple[tuple[str, str], ...]:
+    pairs = []
+    for text in reader.strings("guestinfo"):
+        key, eq, value = text.partition("=")
+        key = key.removeprefix("guestinfo.")
+        if not eq or not key or any(c.isspace() for c in key):
+            raise reader.error("guestinfo", f"{text!r}: expected \"KEY=VALUE\" (a key "
+                                            "without spaces)")
+        pairs.append((key, value))
+    return tuple(pairs)
 
 
 def _debugcon(reader: _Reader, base: Path) -> str:
@@ -288,6 +304,7 @@ def to_json(cfg: DomainConfig) -> dict[str, Any]:
         "on_reboot": cfg.on_reboot, "on_crash": cfg.on_crash,
         "vmware_hwver": cfg.vmware_hwver, "vmware_port": cfg.vmware_port,
         "device_model_args": list(cfg.device_model_args), "cpu_backend": cfg.cpu_backend,
+        "guestinfo": [f"{k}={v}" for k, v in cfg.guestinfo],
         "debugcon": cfg.debugcon, "uuid": cfg.uuid,
     }
 

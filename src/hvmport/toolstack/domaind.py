@@ -228,7 +228,9 @@ class Monitor:
         serial = (f"fd:{self.hub.dm_fd}" if self.hub is not None else str(cfg.serial))
         dm_args = ["--serial", "-" if serial == "stdio" else serial,
                    "--qmp", str(self.dir / "qmp.sock"), "--machine", cfg.machine_args,
-                   "--uuid", cfg.uuid, *cfg.device_model_args]
+                   "--uuid", cfg.uuid,
+                   *(arg for k, v in cfg.guestinfo for arg in ("--guestinfo", f"{k}={v}")),
+                   *cfg.device_model_args]
         extra: dict[str, Any] = {}
         if self.trace is not None:
             # Each run's trace is merged when the run ends: a restart must not overwrite
