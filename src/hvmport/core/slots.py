@@ -9,6 +9,7 @@ NONE (hypervisor).
 from __future__ import annotations
 
 import enum
+import struct
 from dataclasses import dataclass
 
 from hvmport.abi.ioreq import (
@@ -77,20 +78,26 @@ class PollResult:
     status: Poll
     data: int = 0
     reason: str = ""
+    #: The private copy of the answered slot (DONE only), for fields beyond ``data``.
+    got: IoReq | None = None
 
 
 #: Fields a device model must hand back unchanged.
-_FROZEN = ("addr", "size", "count", "type", "vp_eport", "dir", "df", "data_is_ptr")
+FROZEN: tuple[str, ...] = ("addr", "size", "count", "type", "vp_eport", "dir", "df", "data_is_ptr")
+#: An ioreq-union request carries registers in addr/data/count/size both ways; the rest,
+#: including the port and access size in ``_pad0``, must come back unchanged.
+FROZEN_UNION: tuple[str, ...] = ("type", "vp_eport", "dir", "df", "data_is_ptr", "pad0")
 
 
 class Waiter:
     """The hypervisor's wait for one request: remembers the last state seen."""
 
-    __slots__ = ("prev_state", "sent", "vcpu")
+    __slots__ = ("frozen", "prev_state", "sent", "vcpu")
 
-    def __init__(self, vcpu: int, sent: IoReq) -> None:
+    def __init__(self, vcpu: int, sent: IoReq, frozen: tuple[str, ...] = FROZEN) -> None:
         self.vcpu = vcpu
         self.sent = sent
+        self.frozen = frozen
         self.prev_state = STATE_IOREQ_READY
 
     def poll(self, page: Page) -> PollResult:
@@ -108,13 +115,15 @@ class Waiter:
             return PollResult(Poll.PENDING)
         off = slot_offset(self.vcpu)
         got = IoReq.unpack(bytes(page[off:off + IOREQ_SIZE]))
-        for name in _FROZEN:
+        for name in self.frozen:
             if getattr(got, name) != getattr(self.sent, name):
                 return PollResult(Poll.CRASH, reason=(
                     f"device model changed ioreq {name} "
                     f"({getattr(self.sent, name)!r} -> {getattr(got, name)!r})"))
         _write_state(page, self.vcpu, STATE_IOREQ_NONE)
-        return PollResult(Poll.DONE, got.data & size_mask(self.sent.size))
+        # ``size`` is the access size unless the request is a union one (then it is EDI).
+        data = got.data & size_mask(self.sent.size) if "size" in self.frozen else got.data
+        return PollResult(Poll.DONE, data, got=got)
 
 
 # ---------------------------------------------------------------- device-model side
@@ -137,4 +146,16 @@ def respond(page: Page, vcpu: int, data: int | None) -> None:
     off = slot_offset(vcpu)
     if data is not None:
         page[off + 8:off + 16] = (data & 0xFFFFFFFFFFFFFFFF).to_bytes(8, "little")
+    _write_state(page, vcpu, STATE_IORESP_READY)
+
+
+_FIELDS = struct.Struct("<QQII")
+
+
+def respond_fields(page: Page, vcpu: int, addr: int, data: int, count: int, size: int) -> None:
+    """An ioreq-union answer: addr, data, count and size carry registers back."""
+    off = slot_offset(vcpu)
+    page[off:off + _FIELDS.size] = _FIELDS.pack(addr & 0xFFFFFFFFFFFFFFFF,
+                                                data & 0xFFFFFFFFFFFFFFFF,
+                                                count & 0xFFFFFFFF, size & 0xFFFFFFFF)
     _write_state(page, vcpu, STATE_IORESP_READY)

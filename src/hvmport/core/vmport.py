@@ -40,6 +40,9 @@ class BackdoorRegs:
     rdx: int
     rsi: int
     rdi: int
+    #: RBP and R8..R15, for the gpr64 transport, which carries every GPR but RSP; empty
+    #: where nobody needs them (the other transports and the in-hypervisor commands).
+    others: tuple[int, ...] = ()
 
 
 class Outcome(enum.Enum):
@@ -85,7 +88,7 @@ def backdoor(
         return BackdoorResult(Outcome.IGNORED)
     cmd = regs.rcx & 0xFFFF
     new_eax = ALL_ONES
-    out = BackdoorRegs(regs.rax, regs.rbx, regs.rcx, regs.rdx, regs.rsi, regs.rdi)
+    out = BackdoorRegs(regs.rax, regs.rbx, regs.rcx, regs.rdx, regs.rsi, regs.rdi, regs.others)
     if cmd == vm.BDOOR_CMD_GETMHZ:
         new_eax = platform.tsc_khz // 1000
     elif cmd == vm.BDOOR_CMD_GETVERSION:

@@ -44,7 +44,10 @@ class DomainCrashed(VcpuStop):
 
 
 def _backdoor_regs(regs: Regs) -> BackdoorRegs:
-    return BackdoorRegs(regs.rax, regs.rbx, regs.rcx, regs.rdx, regs.rsi, regs.rdi)
+    # RBP and R8..R15 go along for the gpr64 transport, which carries every GPR but RSP.
+    return BackdoorRegs(regs.rax, regs.rbx, regs.rcx, regs.rdx, regs.rsi, regs.rdi,
+                        (regs.rbp, regs.r8, regs.r9, regs.r10, regs.r11, regs.r12, regs.r13,
+                         regs.r14, regs.r15))
 
 
 class Emulator:
@@ -123,6 +126,9 @@ class Emulator:
             new = regs.copy()
             new.rbx, new.rcx, new.rdx = result.regs.rbx, result.regs.rcx, result.regs.rdx
             new.rsi, new.rdi = result.regs.rsi, result.regs.rdi
+            if len(result.regs.others) == 9:
+                (new.rbp, new.r8, new.r9, new.r10, new.r11, new.r12, new.r13, new.r14,
+                 new.r15) = result.regs.others
             if result.value is not None:
                 # The backend applies IN data after set_regs; keep RAX consistent anyway.
                 new.rax = apply_in(regs.rax, result.value, access.size)
