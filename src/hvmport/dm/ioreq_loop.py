@@ -12,12 +12,15 @@ GPRs (gpr64), or a plain PIO request plus a fetch and a store through the hyperv
 (three-exchange).
 
 Waiting mirrors the hypervisor's: after any work, spin over the slots for a moment, then
-block on the event channels.
+block on the event channels. Each round of the spin yields the CPU: on a machine with more
+runnable threads than cores, a pure spin takes the core from the very process it waits
+for (see docs/performance.md).
 """
 
 from __future__ import annotations
 
 import mmap
+import os
 import select
 import sys
 import time
@@ -140,6 +143,7 @@ class IoreqLoop:
                 last = time.monotonic()
                 continue
             if time.monotonic() - last < spin:
+                os.sched_yield()
                 continue
             watch = dict(self.watch)
             for provider in self.watch_providers:
