@@ -209,6 +209,8 @@ class Domain:
         self.pool_base = 0
         self.pool_free: set[int] = set()
         self.servers: dict[int, IoreqServer] = {}
+        #: The servers from the highest id down (selection order), kept by create/destroy.
+        self._by_id_desc: list[IoreqServer] = []
         self.pending: list[Pending | None] = [None] * nr_vcpus
         self.crash_info: Crash | None = None
         self.pci_cf8 = 0
@@ -330,6 +332,7 @@ class Domain:
             ranges,
         )
         self.servers[sid] = server
+        self._by_id_desc = [s for _, s in sorted(self.servers.items(), reverse=True)]
         return 0, sid
 
     def get_server_info(self, caller: int, sid: int, want_gfns: bool) -> tuple[int, ServerInfo]:
@@ -452,6 +455,7 @@ class Domain:
             self.pages.free_frame(page.view)
         server.more_vmport.clear()
         del self.servers[sid]
+        self._by_id_desc = [s for _, s in sorted(self.servers.items(), reverse=True)]
         return 0
 
     def _hide(self, server: IoreqServer, page: ServerPage) -> None:
@@ -515,7 +519,7 @@ class Domain:
         Returns (server, type, addr): a PIO access to 0xcfc..0xcff while 0xcf8 has its
         enable bit becomes a PCI_CONFIG request when a server claims that SBDF.
         """
-        enabled = [s for _, s in sorted(self.servers.items(), reverse=True) if s.enabled]
+        enabled = [s for s in self._by_id_desc if s.enabled]
         if ioreq_type in VMPORT_TYPES or ioreq_type == abi.IOREQ_TYPE_TIMEOFFSET:
             rtype = (dmop.XEN_DMOP_IO_RANGE_TIMEOFFSET if ioreq_type == abi.IOREQ_TYPE_TIMEOFFSET
                      else dmop.XEN_DMOP_IO_RANGE_VMWARE_PORT)
