@@ -200,3 +200,25 @@ def test_pageless_transport_on_a_server_without_vmport_is_still_the_null_handler
     sid = enabled_server(d, flags | dmop.HVM_IOREQSRV_DISABLE_VMPORT)
     assert call(d, ops.map_io_range(sid, dmop.XEN_DMOP_IO_RANGE_VMWARE_PORT, 1, 1)).rc == 0
     assert backdoor_in(d, regs(rcx=STATUS)).route is Route.NULL
+
+
+def test_the_adapter_is_told_when_all_gprs_are_needed() -> None:
+    d, _ = make_domain()
+    assert not d.wants_all_gprs
+    sid = create(d, GPR64)
+    assert d.wants_all_gprs
+    create(d, UNION)
+    assert call(d, ops.destroy_ioreq_server(sid)).rc == 0
+    assert not d.wants_all_gprs
+
+
+def test_gpr64_without_the_other_registers_hands_none_back() -> None:
+    # A vCPU that gave only the six backdoor registers gets only those back.
+    d, _ = make_domain()
+    sid = enabled_server(d, GPR64)
+    backdoor_in(d, regs(rcx=STATUS))
+    p = page(d, sid, PageKind.IOREQ)
+    assert slots.take(p, 0) is not None
+    slots.respond(p, 0, 0)
+    done = d.poll(0, regs())
+    assert done.regs is not None and done.regs.others == ()

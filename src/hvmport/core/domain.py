@@ -211,6 +211,9 @@ class Domain:
         self.servers: dict[int, IoreqServer] = {}
         #: The servers from the highest id down (selection order), kept by create/destroy.
         self._by_id_desc: list[IoreqServer] = []
+        #: Some server takes the gpr64 transport, so backdoor calls need RBP and R8..R15
+        #: too (the adapter skips reading them otherwise).
+        self.wants_all_gprs = False
         self.pending: list[Pending | None] = [None] * nr_vcpus
         self.crash_info: Crash | None = None
         self.pci_cf8 = 0
@@ -333,6 +336,7 @@ class Domain:
         )
         self.servers[sid] = server
         self._by_id_desc = [s for _, s in sorted(self.servers.items(), reverse=True)]
+        self.wants_all_gprs = any(s.transport == GPR64 for s in self._by_id_desc)
         return 0, sid
 
     def get_server_info(self, caller: int, sid: int, want_gfns: bool) -> tuple[int, ServerInfo]:
@@ -456,6 +460,7 @@ class Domain:
         server.more_vmport.clear()
         del self.servers[sid]
         self._by_id_desc = [s for _, s in sorted(self.servers.items(), reverse=True)]
+        self.wants_all_gprs = any(s.transport == GPR64 for s in self._by_id_desc)
         return 0
 
     def _hide(self, server: IoreqServer, page: ServerPage) -> None:

@@ -43,7 +43,9 @@ class DomainCrashed(VcpuStop):
         super().__init__(STATUS_DOMAIN_CRASHED, f"domain crashed: {reason}")
 
 
-def _backdoor_regs(regs: Regs) -> BackdoorRegs:
+def _backdoor_regs(regs: Regs, all_gprs: bool) -> BackdoorRegs:
+    if not all_gprs:
+        return BackdoorRegs(regs.rax, regs.rbx, regs.rcx, regs.rdx, regs.rsi, regs.rdi)
     # RBP and R8..R15 go along for the gpr64 transport, which carries every GPR but RSP.
     return BackdoorRegs(regs.rax, regs.rbx, regs.rcx, regs.rdx, regs.rsi, regs.rdi,
                         (regs.rbp, regs.r8, regs.r9, regs.r10, regs.r11, regs.r12, regs.r13,
@@ -112,7 +114,8 @@ class Emulator:
         # Registers are only needed for the backdoor; skip fetching them otherwise.
         in_backdoor = 0x5658 <= access.port <= 0x565B and self.domain.vmware_port
         regs = ctx.get_regs() if in_backdoor else None
-        bregs = _backdoor_regs(regs) if regs is not None else _NO_REGS
+        bregs = (_backdoor_regs(regs, self.domain.wants_all_gprs) if regs is not None
+                 else _NO_REGS)
         value = int.from_bytes(access.data, "little") if access.is_write else 0
         cpl = ctx.cpl() if in_backdoor else 0
         with self.domain_lock:
