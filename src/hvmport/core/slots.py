@@ -81,8 +81,9 @@ class PollResult:
     status: Poll
     data: int = 0
     reason: str = ""
-    #: The private copy of the answered slot (DONE only), for fields beyond ``data``.
-    got: IoReq | None = None
+    #: The private copy of the answered slot (ioreq-union answers only), whose addr,
+    #: count and size carry registers back.
+    raw: bytes = b""
 
 
 #: Fields a device model must hand back unchanged.
@@ -164,7 +165,7 @@ class Waiter:
         if "size" in self.frozen:
             return PollResult(Poll.DONE, data & size_mask(self.sent.size))
         # An ioreq-union answer: size is EDI, and the caller wants the other fields too.
-        return PollResult(Poll.DONE, data, got=IoReq.unpack(raw))
+        return PollResult(Poll.DONE, data, raw=raw)
 
 
 # ---------------------------------------------------------------- device-model side

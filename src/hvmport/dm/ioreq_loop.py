@@ -22,6 +22,7 @@ from __future__ import annotations
 import mmap
 import os
 import select
+import struct
 import sys
 import time
 from collections.abc import Callable
@@ -37,6 +38,7 @@ from hvmport.hv import evtchn
 
 MASK32 = 0xFFFFFFFF
 HIGH32 = 0xFFFFFFFF00000000
+_FIVE = struct.Struct("<5Q")
 BACKDOOR_PORTS = range(0x5658, 0x565C)
 #: An ioreq-union answer: (addr, data, count, size) all carry registers back.
 Fields = tuple[int, int, int, int]
@@ -234,29 +236,34 @@ class IoreqLoop:
             self._reject(f"vCPU {vcpu}: beyond the gpr64 registers frames")
             return ones
         page, off = pages[frame], index * abi.VMPORT_GPR64_ENTRY_SIZE
-        wide = list(abi.unpack_gpr64(page, off))
+        wide = abi.unpack_gpr64(page, off)
         # The devices are VMware's 32-bit ones: they see and change the low halves; the
-        # upper halves go back as they came.
-        regs = [req.data & MASK32, *(r & MASK32 for r in wide[1:6])]
+        # upper halves go back as they came. Only RBX..RDI (bytes 8-48) are written back.
+        rbx, rcx, rdx, rsi, rdi = wide[1:6]
+        regs = [req.data & MASK32, rbx & MASK32, rcx & MASK32, rdx & MASK32, rsi & MASK32,
+                rdi & MASK32]
         value = self.vmport(regs, req.dir == abi.IOREQ_WRITE, req.size)
-        for i in range(1, 6):
-            wide[i] = (wide[i] & HIGH32) | (regs[i] & MASK32)
-        page[off:off + abi.VMPORT_GPR64_ENTRY_SIZE] = abi.pack_gpr64(tuple(wide))
+        page[off + 8:off + 48] = _FIVE.pack(
+            rbx & HIGH32 | regs[1] & MASK32, rcx & HIGH32 | regs[2] & MASK32,
+            rdx & HIGH32 | regs[3] & MASK32, rsi & HIGH32 | regs[4] & MASK32,
+            rdi & HIGH32 | regs[5] & MASK32)
         return value & ones
 
     def _vmport_union(self, vcpu: int, req: abi.IoReq) -> Fields:
         port, size = abi.union_port_size(req.pad0)
-        u = abi.UnionRegs.from_fields(req.addr, req.data, req.count, req.size)
         if self.vmport is None or port not in BACKDOOR_PORTS or size not in (1, 2, 4) \
                 or req.data_is_ptr:
             self._reject(f"vCPU {vcpu}: ioreq-union VMWARE_PORT request this device model "
                          f"cannot serve (port {port:#x} size {size})")
             return req.addr, req.data | MASK32, req.count, req.size
         self.stats.vmport += 1
-        regs = [u.eax, u.ebx, u.ecx, u.edx, u.esi, u.edi]
+        # abi.UnionRegs' layout, spelt out: this is the hot path of the transport.
+        addr, data = req.addr, req.data
+        regs = [data & MASK32, addr & MASK32, addr >> 32 & MASK32, data >> 32 & MASK32,
+                req.count & MASK32, req.size & MASK32]
         value = self.vmport(regs, req.dir == abi.IOREQ_WRITE, size) & slots.size_mask(size)
-        out = abi.UnionRegs(value, *(r & MASK32 for r in regs[1:]))
-        return out.fields()
+        return (regs[1] & MASK32 | (regs[2] & MASK32) << 32,
+                value | (regs[3] & MASK32) << 32, regs[4] & MASK32, regs[5] & MASK32)
 
     def _vmport_three(self, vcpu: int, req: abi.IoReq, ones: int) -> int | bool | None:
         """A plain PIO request on a backdoor port: fetch the registers, run, store them.
