@@ -58,3 +58,15 @@ def test_each_vcpu_gets_its_own_registers_under_every_transport(tmp_path: Path,
     for transport, run in runs.items():
         assert run.status == 1, (transport, run.console, run.stderr)
         assert "smp done vcpus=4 errors=0" in run.lines(), transport
+
+
+def test_gpr64_entries_spill_into_a_second_frame(tmp_path: Path, backend: str) -> None:
+    """33 vCPUs, the fewest that need two frames: vCPU 32's entry is the first of resource
+    frame 0x101."""
+    from hvmport import guests
+
+    run = hvmport_run(tmp_path, "--backend", backend, "--kernel", guest("smp", "flat32"),
+                      "--mode", "32", "--load-addr", hex(guests.flat_address("flat32")),
+                      "--vcpus", "33", "--smp-entry", "--dm-arg=--vmport-transport=gpr64")
+    assert run.status == 1, (run.console, run.stderr)
+    assert "smp done vcpus=33 errors=0" in run.lines()
