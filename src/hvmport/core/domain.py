@@ -67,6 +67,10 @@ class PageKind(enum.Enum):
     BUFIOREQ = "bufioreq"
     VMPORT = "vmport"
 
+    # Members are singletons compared by identity; Enum's own __hash__ is a Python-level
+    # call, made several times per forwarded request on the pages dict.
+    __hash__ = object.__hash__
+
 
 @dataclass(slots=True)
 class ServerPage:

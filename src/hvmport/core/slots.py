@@ -30,11 +30,11 @@ def slot_offset(vcpu: int) -> int:
 
 
 def read_state(page: Page, vcpu: int) -> int:
-    return page[slot_offset(vcpu) + IOREQ_STATE_BYTE] & 0xF
+    return page[vcpu * IOREQ_SIZE + IOREQ_STATE_BYTE] & 0xF
 
 
 def _write_state(page: Page, vcpu: int, state: int) -> None:
-    off = slot_offset(vcpu) + IOREQ_STATE_BYTE
+    off = vcpu * IOREQ_SIZE + IOREQ_STATE_BYTE
     page[off] = (page[off] & 0xF0) | state
 
 
@@ -51,7 +51,7 @@ def post(page: Page, vcpu: int, req: IoReq, vp_eport: int) -> str | None:
     Returns None, or the reason the domain must crash (the device model left the slot busy
     or rewrote ``vp_eport``), as Xen's ``hvm_send_ioreq`` refuses such a slot.
     """
-    off = slot_offset(vcpu)
+    off = vcpu * IOREQ_SIZE
     # One copy of what the device model could have touched: vp_eport .. the state byte.
     head = bytes(page[off + 24:off + 31])
     state = head[6] & 0xF
@@ -151,7 +151,7 @@ class Waiter:
         if state != STATE_IORESP_READY:
             self.prev_state = state
             return PollResult(Poll.PENDING)
-        off = slot_offset(self.vcpu)
+        off = self.vcpu * IOREQ_SIZE
         raw = bytes(page[off:off + IOREQ_SIZE])
         if int.from_bytes(raw, "little") & self.mask != self.want:
             got = IoReq.unpack(raw)
@@ -175,7 +175,7 @@ def take(page: Page, vcpu: int) -> IoReq | None:
     """If the slot is READY: copy it once, mark it INPROCESS and return the copy."""
     if read_state(page, vcpu) != STATE_IOREQ_READY:
         return None
-    off = slot_offset(vcpu)
+    off = vcpu * IOREQ_SIZE
     req = IoReq.unpack(bytes(page[off:off + IOREQ_SIZE]))
     if req.state != STATE_IOREQ_READY:
         return None
@@ -185,7 +185,7 @@ def take(page: Page, vcpu: int) -> IoReq | None:
 
 def respond(page: Page, vcpu: int, data: int | None) -> None:
     """Write the result (only ``data``, nothing else) and mark the slot IORESP_READY."""
-    off = slot_offset(vcpu)
+    off = vcpu * IOREQ_SIZE
     if data is not None:
         page[off + 8:off + 16] = (data & 0xFFFFFFFFFFFFFFFF).to_bytes(8, "little")
     _write_state(page, vcpu, STATE_IORESP_READY)
@@ -196,7 +196,7 @@ _FIELDS = struct.Struct("<QQII")
 
 def respond_fields(page: Page, vcpu: int, addr: int, data: int, count: int, size: int) -> None:
     """An ioreq-union answer: addr, data, count and size carry registers back."""
-    off = slot_offset(vcpu)
+    off = vcpu * IOREQ_SIZE
     page[off:off + _FIELDS.size] = _FIELDS.pack(addr & 0xFFFFFFFFFFFFFFFF,
                                                 data & 0xFFFFFFFFFFFFFFFF,
                                                 count & 0xFFFFFFFF, size & 0xFFFFFFFF)
