@@ -73,3 +73,39 @@ def test_buffered_ring_between_processes_never_stalls() -> None:
     # struct.pack_into zero-fills before it writes) within the first thousand writes.
     for _ in range(2):
         assert benchmark.buffered_writes_per_s(30000) > 0
+
+
+def test_repetitions_are_marked_one_by_one(tmp_path: Path) -> None:
+    image = tmp_path / "loop.bin"
+    image.write_bytes(benchmark.loop_image(20, benchmark.STATUS, reps=3))
+    proc = subprocess.run([sys.executable, "-m", "hvmport.cli", "run", "--backend", "unicorn",
+                           "--kernel", str(image), "--debugcon", "-", "--serial", "none"],
+                          capture_output=True, timeout=120, check=False)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stdout == b"[][][]"
+    # The in-process Unicorn floor sees the same markers: one interval per repetition.
+    assert len(benchmark._floor_unicorn(image)) == 3
+
+
+def test_ratios_are_between_medians_of_the_same_run() -> None:
+    res = benchmark.Results()
+    for name, samples in {"floor_c": [10, 11, 12], "hv_kvm": [11, 12, 30],
+                          "dm_kvm_regs-page": [40, 50, 60], "qemu_kvm": [100, 200, 300],
+                          "dm_kvm_three-exchange": [100, 120, 130],
+                          "floor_unicorn": [1, 2, 3], "dm_unicorn": [4, 4, 4]}.items():
+        res.scenarios[name] = benchmark.Figure([float(x) for x in samples])
+    assert res.ratios() == {
+        "hv_kvm/floor_c": round(12 / 11, 3),
+        "dm_kvm_regs-page/qemu_kvm": 0.25,
+        "dm_kvm_three-exchange/dm_kvm_regs-page": 2.4,
+        "dm_unicorn/floor_unicorn": 2.0,
+    }
+    assert set(res.as_json()) == {"scenarios", "ratios", "skipped"}
+
+
+def test_each_transport_is_a_scenario() -> None:
+    assert [f"dm_kvm_{t}" for t in benchmark.TRANSPORTS] == [
+        "dm_kvm_regs-page", "dm_kvm_ioreq-union", "dm_kvm_gpr64", "dm_kvm_three-exchange"]
+    from hvmport.dm.client import VMPORT_TRANSPORTS
+
+    assert set(benchmark.TRANSPORTS) == set(VMPORT_TRANSPORTS)

@@ -1,5 +1,8 @@
 """A hostile guest and a hostile device model against the core, driven by hypothesis.
 
+The primary server uses one of the four register transports (regs-page, ioreq-union,
+gpr64, three-exchange), drawn per example, so every transport meets the same hostility.
+
 Checked after every step: the host never raises; a crashed domain stays crashed with its
 first reason; no access reaches a server that does not claim it; limits hold; the slot
 state the hypervisor has seen never moves backwards.
@@ -10,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -55,11 +58,15 @@ class HostileWorld(RuleBasedStateMachine):
 
     # ------------------------------------------------------------- device model: dm_op
 
-    @initialize(gfns=st.booleans(), second=st.booleans())
-    def realistic_servers(self, gfns: bool, second: bool) -> None:
+    @initialize(gfns=st.booleans(), second=st.booleans(), transport=st.integers(0, 3),
+                qemu_type=st.booleans())
+    def realistic_servers(self, gfns: bool, second: bool, transport: int,
+                          qemu_type: bool) -> None:
         """Start like a real device model would, so that forwarding is exercised."""
-        sid = self._server(dmop.HVM_IOREQSRV_BUFIOREQ_ATOMIC, gfns,
-                           [(0x60, 0x64), (0x3F8, 0x3FF), (0xCF8, 0xCFF)])
+        flags = (dmop.HVM_IOREQSRV_BUFIOREQ_ATOMIC
+                 | transport << dmop.HVMPORT_IOREQSRV_VMPORT_TRANSPORT_SHIFT
+                 | (dmop.HVMPORT_IOREQSRV_VMPORT_QEMU_TYPE if qemu_type else 0))
+        sid = self._server(flags, gfns, [(0x60, 0x64), (0x3F8, 0x3FF), (0xCF8, 0xCFF)])
         pci = call(self.d, ops.map_io_range(sid, dmop.XEN_DMOP_IO_RANGE_PCI, 0, 0xFF)).rc
         assert pci == 0
         if second:
@@ -86,7 +93,7 @@ class HostileWorld(RuleBasedStateMachine):
         before = len(self.d.servers)
         r = call(self.d, ops.create_ioreq_server(flags), caller)
         self._rc(r.rc)
-        if flags & ~0xF or (flags & 3) == 3:
+        if flags & ~0x3F or (flags & 3) == 3:
             assert r.rc == -errno.EINVAL and len(self.d.servers) == before
 
     @rule(raw=st.binary(max_size=40), caller=callers)
@@ -116,7 +123,8 @@ class HostileWorld(RuleBasedStateMachine):
     def get_info(self, sid: int, no_gfns: bool, caller: int) -> None:
         self._rc(call(self.d, ops.get_ioreq_server_info(sid, int(no_gfns)), caller).rc)
 
-    @rule(sid=server_ids, frame=st.sampled_from([0, 1, 2, 0x100, 7]), caller=callers)
+    @rule(sid=server_ids, frame=st.sampled_from([0, 1, 2, 0x100, 0x101, 0x102, 7]),
+          caller=callers)
     def acquire(self, sid: int, frame: int, caller: int) -> None:
         rc, view = self.d.acquire_resource(caller, sid, frame)
         self._rc(rc)
@@ -152,9 +160,10 @@ class HostileWorld(RuleBasedStateMachine):
             server.pages[PageKind.IOREQ].view[slots.slot_offset(vcpu) + offset] ^= xor
 
     @rule(sid=server_ids, vcpu=st.integers(0, VCPUS - 1), data=u64,
-          vmregs=st.tuples(u32, u32, u32, u32, u32))
+          vmregs=st.tuples(u32, u32, u32, u32, u32), wide=st.tuples(u64, u64, u32, u32))
     def honest_answer(self, sid: int, vcpu: int, data: int,
-                      vmregs: tuple[int, int, int, int, int]) -> None:
+                      vmregs: tuple[int, int, int, int, int],
+                      wide: tuple[int, int, int, int]) -> None:
         server = self.d.servers.get(sid)
         if server is None or PageKind.IOREQ not in server.pages:
             return
@@ -162,10 +171,35 @@ class HostileWorld(RuleBasedStateMachine):
         req = slots.take(view, vcpu)
         if req is None:
             return
-        if req.type == abi.IOREQ_TYPE_VMWARE_PORT and PageKind.VMPORT in server.pages:
-            off = vcpu * abi.VMWARE_REGS_SIZE
-            server.pages[PageKind.VMPORT].view[off:off + 20] = abi.VmwareRegs(*vmregs).pack()
+        event(f"answered type {req.type} transport {server.transport}")
+        if req.type in (abi.IOREQ_TYPE_VMWARE_PORT, abi.IOREQ_TYPE_VMWARE_PORT_QEMU_COMPAT):
+            if server.transport == dmop.HVMPORT_VMPORT_TRANSPORT_IOREQ_UNION:
+                slots.respond_fields(view, vcpu, *wide[:1], data, *wide[2:])
+                return
+            if PageKind.VMPORT in server.pages:
+                vp = server.pages[PageKind.VMPORT].view
+                if server.transport == dmop.HVMPORT_VMPORT_TRANSPORT_GPR64:
+                    off = vcpu * abi.VMPORT_GPR64_ENTRY_SIZE
+                    vp[off:off + 128] = abi.pack_gpr64((data, *wide[:2], *vmregs, *wide,
+                                                        *vmregs[:3]))
+                else:
+                    off = vcpu * abi.VMWARE_REGS_SIZE
+                    vp[off:off + 20] = abi.VmwareRegs(*vmregs).pack()
+        elif req.type == abi.IOREQ_TYPE_PIO and 0x5658 <= req.addr <= 0x565B:
+            # A three-exchange device model fetches and stores; refusals are errnos.
+            rc, raw = self.d.vmport_get_regs(EMULATOR, vcpu)
+            self._rc(rc)
+            assert (rc == 0) == (len(raw) == 24)
+            self._rc(self.d.vmport_set_regs(EMULATOR, vcpu, abi.VmwareRegs(*vmregs).pack()))
         slots.respond(view, vcpu, data)
+
+    @rule(vcpu=st.integers(-1, VCPUS), caller=callers, raw=st.binary(max_size=24))
+    def exchange(self, vcpu: int, caller: int, raw: bytes) -> None:
+        """The three-exchange calls, at any time, from anyone, with any bytes."""
+        rc, got = self.d.vmport_get_regs(caller, vcpu)
+        self._rc(rc)
+        assert (rc == 0) == (len(got) == 24)
+        self._rc(self.d.vmport_set_regs(caller, vcpu, raw))
 
     @rule(sid=server_ids)
     def drain_ring(self, sid: int) -> None:
@@ -183,7 +217,7 @@ class HostileWorld(RuleBasedStateMachine):
           rbx=u64, cpl=st.sampled_from([0, 3]))
     def guest_pio(self, vcpu: int, port: int, size: int, is_write: bool, value: int,
                   rax: int, rcx: int, rbx: int, cpl: int) -> None:
-        r = BackdoorRegs(rax, rbx, rcx, 0x5658, 0, 0)
+        r = BackdoorRegs(rax, rbx, rcx, 0x5658, 0, 0, (rbx,) * 9 if rbx & 1 else ())
         if self.d.pending[vcpu] is not None:
             self._poll(vcpu, r)
             return
@@ -192,10 +226,12 @@ class HostileWorld(RuleBasedStateMachine):
             assert res.server is not None
             server = self.d.servers[res.server]
             assert server.enabled
-            if res.ioreq_type in (abi.IOREQ_TYPE_VMWARE_PORT,
-                                  abi.IOREQ_TYPE_VMWARE_PORT_QEMU_COMPAT):
+            pending = self.d.pending[vcpu]
+            assert pending is not None
+            if pending.vmport:
                 assert server.ranges[dmop.XEN_DMOP_IO_RANGE_VMWARE_PORT].contains_point(1)
-                assert PageKind.VMPORT in server.pages
+                assert server.vmport_enabled
+                assert (PageKind.VMPORT in server.pages) == (server.vmport_frames > 0)
                 assert port + size <= 0x565C and port >= 0x5658
             elif res.ioreq_type == abi.IOREQ_TYPE_PCI_CONFIG:
                 sbdf = (self.d.pci_cf8 >> 8) & 0xFFFF
@@ -208,6 +244,15 @@ class HostileWorld(RuleBasedStateMachine):
             assert res.value is not None and res.value < (1 << (8 * size))
             if res.route in (Route.NULL, Route.IGNORED):
                 assert res.value == (1 << (8 * size)) - 1
+
+    @rule(vcpu=st.integers(0, VCPUS - 1), cmd=st.sampled_from([30, 39, 40, 41, 45]),
+          port=st.sampled_from([0x5658, 0x5658, 0x5659, 0x565A]), is_write=st.booleans(),
+          rbx=u64)
+    def guest_backdoor(self, vcpu: int, cmd: int, port: int, is_write: bool,
+                       rbx: int) -> None:
+        """A call the device model answers, so that every transport carries registers."""
+        self.guest_pio(vcpu, port, 4 if port == 0x5658 else 1, is_write, MAGIC, MAGIC, cmd,
+                       rbx, 0)
 
     @precondition(lambda self: any(p is not None for p in self.d.pending))
     @rule(vcpu=st.integers(0, VCPUS - 1))
@@ -223,8 +268,12 @@ class HostileWorld(RuleBasedStateMachine):
             seen = pending.waiter.prev_state
             assert seen >= self.last_state[vcpu]
             self.last_state[vcpu] = seen
-        elif res.status is IoStatus.DONE and res.value is not None:
-            assert res.value < (1 << (8 * pending.req.size))
+        elif res.status is IoStatus.DONE:
+            if res.value is not None:
+                # pending.req.size is EDI in an ioreq-union request: use the access's size.
+                assert res.value < (1 << (8 * pending.access[1]))
+            if res.regs is not None and not pending.vmport:
+                raise AssertionError("registers changed by a request that carried none")
 
     @rule(sid=server_ids, addr=st.integers(0, 0x1FFFFF), size=st.sampled_from([1, 2, 4, 8]),
           data=u64)

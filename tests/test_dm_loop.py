@@ -158,3 +158,87 @@ def test_mmio_bus_refuses_overlaps() -> None:
         bus.register(0x0800, 0x1000, ScratchRegisters(0x0800, 0x1000))
     bus.register(0x2000, 0x2FFF, ScratchRegisters(0x2000, 0x2FFF))
     assert bus.read(0x1FFE, 4) == 0xFFFFFFFF  # straddles two devices: nobody's
+
+
+# -- the register transports (issue 6) ------------------------------------------------------
+
+def test_ioreq_union_answer_carries_registers_in_the_slot() -> None:
+    from hvmport.abi import dm_op as dmop
+
+    calls: list[list[int]] = []
+    loop, page, regs_page, _ = make_loop(calls)
+    loop.transport = dmop.HVMPORT_VMPORT_TRANSPORT_IOREQ_UNION
+    u = abi.UnionRegs(0x564D5868, 0x11, 40, 0x5658, 0x55, 0x66)
+    addr, data, count, size = u.fields()
+    post(page, abi.IoReq(addr=addr, data=data, count=count, size=size,
+                         type=abi.IOREQ_TYPE_VMWARE_PORT, dir=abi.IOREQ_READ,
+                         pad0=abi.union_access(0x5658, 4)))
+    got = answer(loop, page)
+    assert calls == [[0x564D5868, 0x11, 40, 0x5658, 0x55, 0x66]]
+    back = abi.UnionRegs.from_fields(got.addr, got.data, got.count, got.size)
+    assert back == abi.UnionRegs(0x1234, 0xB0B0B0B0, 40, 0x5658, 0x55, 0x66)
+    assert regs_page[:] == bytes(4096)  # no page in this transport
+
+
+@pytest.mark.parametrize("pad0", [abi.union_access(0x5660, 4), abi.union_access(0x5658, 3)])
+def test_ioreq_union_with_a_bad_port_or_size_is_rejected(pad0: int) -> None:
+    from hvmport.abi import dm_op as dmop
+
+    calls: list[list[int]] = []
+    loop, page, _, _ = make_loop(calls)
+    loop.transport = dmop.HVMPORT_VMPORT_TRANSPORT_IOREQ_UNION
+    post(page, abi.IoReq(addr=1, data=2, count=3, size=4, type=abi.IOREQ_TYPE_VMWARE_PORT,
+                         dir=abi.IOREQ_READ, pad0=pad0))
+    got = answer(loop, page)
+    assert loop.stats.rejected == 1 and calls == []
+    assert (got.addr, got.count, got.size) == (1, 3, 4) and got.data & 0xFFFFFFFF == 0xFFFFFFFF
+
+
+def test_gpr64_keeps_upper_halves_and_other_registers() -> None:
+    from hvmport.abi import dm_op as dmop
+
+    loop, page, regs_page, _ = make_loop()
+    loop.transport = dmop.HVMPORT_VMPORT_TRANSPORT_GPR64
+    wide = tuple(0xAB00000000000000 | i for i in range(15))
+    regs_page[0:128] = abi.pack_gpr64(wide)
+    post(page, abi.IoReq(addr=0x5658, size=4, type=abi.IOREQ_TYPE_VMWARE_PORT,
+                         dir=abi.IOREQ_READ, data=0x564D5868))
+    assert answer(loop, page).data == 0x1234
+    back = abi.unpack_gpr64(regs_page, 0)
+    assert back[1] == 0xAB000000B0B0B0B0  # EBX changed, its upper half kept
+    assert back[:1] + back[2:] == wide[:1] + wide[2:]
+
+
+class FakeExchange:
+    def __init__(self, refuse: bool = False) -> None:
+        self.refuse = refuse
+        self.stored: list[abi.VmwareRegs] = []
+
+    def get(self, vcpu: int) -> tuple[int, abi.VmwareRegs]:
+        from hvmport.errors import DmOpError
+
+        if self.refuse:
+            raise DmOpError("vmport_get_regs", 2)
+        return 0x564D5868, abi.VmwareRegs(5, 6, 1, 40, 0x5658)
+
+    def set(self, vcpu: int, regs: abi.VmwareRegs) -> None:
+        self.stored.append(regs)
+
+
+def test_three_exchange_fetches_runs_and_stores() -> None:
+    calls: list[list[int]] = []
+    loop, page, _, _ = make_loop(calls)
+    loop.exchange = ex = FakeExchange()
+    post(page, abi.IoReq(addr=0x5658, size=4, dir=abi.IOREQ_READ))
+    assert answer(loop, page).data == 0x1234
+    assert calls == [[0x564D5868, 1, 40, 0x5658, 5, 6]]
+    assert ex.stored == [abi.VmwareRegs(5, 6, 0xB0B0B0B0, 40, 0x5658)]
+
+
+def test_three_exchange_refused_fetch_is_a_plain_port_access() -> None:
+    calls: list[list[int]] = []
+    loop, page, _, _ = make_loop(calls)
+    loop.exchange = FakeExchange(refuse=True)
+    post(page, abi.IoReq(addr=0x5659, size=1, dir=abi.IOREQ_READ))
+    assert answer(loop, page).data == 0xFF  # nobody's port on this bus
+    assert calls == []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import pty
+import select
 import time
 
 from hvmport.progress import Progress
@@ -39,7 +40,11 @@ def test_on_a_terminal_the_line_is_redrawn_with_a_bar() -> None:
             time.sleep(0.15)  # redraws are throttled
             p.advance(2)
             p.finish()
-        data = os.read(master, 65536).decode()
+        data = ""
+        while "done (" not in data:  # a pty hands the bytes over in pieces
+            ready, _, _ = select.select([master], [], [], 5)
+            assert ready, f"no more output after {data!r}"
+            data += os.read(master, 65536).decode()
     finally:
         os.close(master)
         os.close(slave)

@@ -195,3 +195,44 @@ def test_closing_without_servers_is_fine(host: Host) -> None:
     client.nr_vcpus(DOMID)
     client.close()
     assert not host.crashed.wait(0.3)
+
+
+def test_three_exchange_calls_through_the_control_socket(host: Host, dm: DeviceModel) -> None:
+    from hvmport.abi import ioreq as abi
+    from hvmport.core import slots
+    from hvmport.core.vmport import BackdoorRegs
+    from hvmport.dm.client import vmport_transport_flags
+
+    sid = dm.create_ioreq_server(DOMID, vmport_transport_flags("three-exchange"))
+    with pytest.raises(DmOpError) as e:
+        dm.map_resource(DOMID, sid, dmop.HVMPORT_RESOURCE_IOREQ_SERVER_FRAME_VMPORT)
+    assert e.value.errno == errno.ENOENT  # this transport has no registers page
+    (ioreq,) = dm.map_resource(DOMID, sid, 1)
+    dm.set_ioreq_server_state(DOMID, sid, True)
+    with pytest.raises(DmOpError) as e:
+        dm.vmport_get_regs(DOMID, 1)
+    assert e.value.errno == errno.ENOENT  # no call in flight
+    regs = BackdoorRegs(0x564D5868, 0x11, 40, 0x5658, 0x55, 0x66)
+    with host.server.lock:
+        assert host.domain.pio(1, 0x5658, 4, False, 0, regs, 0).route.value == "server"
+    # Another device model may not look at this one's call.
+    other = DeviceModel(host.server.path)
+    try:
+        with pytest.raises(DmOpError) as e:
+            other.vmport_get_regs(DOMID, 1)
+        assert e.value.errno == errno.EPERM
+    finally:
+        other.close()
+    view = memoryview(ioreq)
+    assert slots.take(view, 1) is not None
+    assert dm.vmport_get_regs(DOMID, 1) == (0x564D5868,
+                                             abi.VmwareRegs(0x55, 0x66, 0x11, 40, 0x5658))
+    dm.vmport_set_regs(DOMID, 1, abi.VmwareRegs(1, 2, 3, 4, 5))
+    slots.respond(view, 1, 9)
+    with host.server.lock:
+        done = host.domain.poll(1, regs)
+    assert done.value == 9 and done.regs is not None
+    assert (done.regs.rbx, done.regs.rcx, done.regs.rdx, done.regs.rsi, done.regs.rdi) == (
+        3, 4, 5, 1, 2)
+    view.release()
+    ioreq.close()

@@ -41,6 +41,12 @@ struct shared_iopage { struct ioreq vcpu_ioreq[1]; };
 
 struct vmware_regs { uint32_t esi, edi, ebx, ecx, edx; };
 struct shared_vmport_iopage { struct vmware_regs vcpu_vmport_regs[1]; };
+/* hvmport extension (issue 6, Jan Beulich's proposal): every 64-bit GPR but RSP, padded to
+   a multiple of 16 bytes so that two vCPUs never share a cache line's worth of entry. */
+struct vmport_gpr64 {
+    uint64_t rax, rbx, rcx, rdx, rsi, rdi, rbp, r8, r9, r10, r11, r12, r13, r14, r15;
+    uint64_t _pad;
+};
 
 struct xen_dm_op_create_ioreq_server { uint8_t flags; uint8_t pad[3]; uint16_t id; };
 struct xen_dm_op_get_ioreq_server_info {
@@ -150,8 +156,16 @@ struct xen_mem_acquire_resource {
 #define XENMEM_resource_ioreq_server_frame_bufioreq 0
 #define HVMPORT_RESOURCE_IOREQ_SERVER_FRAME_VMPORT 0x100
 #define HVMPORT_IOREQSRV_VMPORT_QEMU_TYPE (1 << 3)
-#define HVMPORT_IOREQSRV_EXT_MASK HVMPORT_IOREQSRV_VMPORT_QEMU_TYPE
 #define HVMPORT_VMPORT_EBP_OFFSET 0xA00
+#define HVMPORT_IOREQSRV_VMPORT_TRANSPORT_SHIFT 4
+#define HVMPORT_IOREQSRV_VMPORT_TRANSPORT_MASK (3 << 4)
+#define HVMPORT_VMPORT_TRANSPORT_REGS_PAGE 0
+#define HVMPORT_VMPORT_TRANSPORT_IOREQ_UNION 1
+#define HVMPORT_VMPORT_TRANSPORT_GPR64 2
+#define HVMPORT_VMPORT_TRANSPORT_THREE_EXCHANGE 3
+#define HVMPORT_IOREQSRV_EXT_MASK (HVMPORT_IOREQSRV_VMPORT_QEMU_TYPE | HVMPORT_IOREQSRV_VMPORT_TRANSPORT_MASK)
+#define VMPORT_GPR64_ENTRY_SIZE 128
+#define VMPORT_GPR64_PER_PAGE 32
 /* VMware backdoor */
 #define BDOOR_MAGIC 0x564D5868
 #define BDOOR_PORT 0x5658

@@ -40,8 +40,17 @@ CTL_PAUSE = 0x100
 #: arg: none. Undoes CTL_PAUSE (pauses do not nest, as QMP's stop/cont do not).
 CTL_UNPAUSE = 0x101
 
+#: The three-exchange register transport (issue 6): the second and third exchanges of a
+#: backdoor call forwarded as a plain PIO request. Both are refused (-ENOENT) unless the
+#: vCPU has a backdoor call in flight to a three-exchange server this connection owns.
+#: arg: vCPU. Reply payload: u32 EAX, then a struct vmware_regs (ESI, EDI, EBX, ECX, EDX).
+CTL_VMPORT_GET_REGS = 0x102
+#: arg: vCPU; payload: a struct vmware_regs, handed back when the request completes. It
+#: must come before the slot is answered (IORESP_READY), which ends the call.
+CTL_VMPORT_SET_REGS = 0x103
+
 KINDS = {CTL_RESTRICT, CTL_DM_OP, CTL_MAP_RESOURCE, CTL_MAP_GUEST_MEMORY, CTL_BIND_EVTCHN,
-         CTL_NR_VCPUS, CTL_PAUSE, CTL_UNPAUSE}
+         CTL_NR_VCPUS, CTL_PAUSE, CTL_UNPAUSE, CTL_VMPORT_GET_REGS, CTL_VMPORT_SET_REGS}
 
 
 @dataclass(slots=True, frozen=True)

@@ -47,7 +47,20 @@ HVM_IOREQSRV_FLAGS_MASK = 7
 # them refuses them (-EINVAL), so a device model can probe for them safely.
 #: Deliver VMWARE_PORT requests with QEMU's fallback type number 3 instead of 9.
 HVMPORT_IOREQSRV_VMPORT_QEMU_TYPE = 1 << 3
-HVMPORT_IOREQSRV_EXT_MASK = HVMPORT_IOREQSRV_VMPORT_QEMU_TYPE
+#: Bits 4-5: how VMWARE_PORT requests carry the guest's registers (issue 6). 0 is v14's
+#: registers page, so a device model that never sets these bits gets v14's behaviour.
+HVMPORT_IOREQSRV_VMPORT_TRANSPORT_SHIFT = 4
+HVMPORT_IOREQSRV_VMPORT_TRANSPORT_MASK = 3 << HVMPORT_IOREQSRV_VMPORT_TRANSPORT_SHIFT
+#: v14: EAX in ``data``, EBX/ECX/EDX/ESI/EDI in the 20-byte vmware_regs page entry.
+HVMPORT_VMPORT_TRANSPORT_REGS_PAGE = 0
+#: Paul Durrant's proposal: all six registers inside ioreq_t itself, no extra page.
+HVMPORT_VMPORT_TRANSPORT_IOREQ_UNION = 1
+#: Jan Beulich's proposal: a 128-byte entry per vCPU with every 64-bit GPR except RSP.
+HVMPORT_VMPORT_TRANSPORT_GPR64 = 2
+#: The pre-patch world: a plain PIO request; registers fetched and stored with two calls.
+HVMPORT_VMPORT_TRANSPORT_THREE_EXCHANGE = 3
+HVMPORT_IOREQSRV_EXT_MASK = (HVMPORT_IOREQSRV_VMPORT_QEMU_TYPE
+                             | HVMPORT_IOREQSRV_VMPORT_TRANSPORT_MASK)
 
 MAX_NR_IOREQ_SERVERS = 8
 MAX_NR_IO_RANGES = 256

@@ -141,6 +141,21 @@ SHARED_VMPORT_IOPAGE_LAYOUT = StructLayout(
     (Field("vcpu_vmport_regs", 0, 20, 1),),
 )
 
+#: hvmport extension (issue 6, review point R23 and Jan Beulich's proposal): the gpr64
+#: transport's per-vCPU entry. Every 64-bit GPR except RSP, in the order of the x86
+#: register numbers without RSP, padded from 120 to 128 bytes (a multiple of 16).
+GPR64_NAMES = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "r8", "r9", "r10", "r11",
+               "r12", "r13", "r14", "r15")
+VMPORT_GPR64_ENTRY_SIZE = 128
+VMPORT_GPR64_PER_PAGE = PAGE_SIZE // VMPORT_GPR64_ENTRY_SIZE
+
+VMPORT_GPR64_LAYOUT = StructLayout(
+    "vmport_gpr64",
+    VMPORT_GPR64_ENTRY_SIZE,
+    (*(Field(name, 8 * i, 8) for i, name in enumerate(GPR64_NAMES)),
+     Field("_pad", 120, 8)),
+)
+
 LAYOUTS = (
     IOREQ_LAYOUT,
     BUF_IOREQ_LAYOUT,
@@ -148,6 +163,7 @@ LAYOUTS = (
     SHARED_IOPAGE_LAYOUT,
     VMWARE_REGS_LAYOUT,
     SHARED_VMPORT_IOPAGE_LAYOUT,
+    VMPORT_GPR64_LAYOUT,
 )
 
 _IOREQ = struct.Struct("<QQIIIHBB")
@@ -241,3 +257,53 @@ class BufIoReq:
         word, data = _BUF.unpack_from(raw, offset)
         return cls(word & 0xFF, (word >> 9) & 1, (word >> 10) & 3, word >> 12, data,
                    (word >> 8) & 1)
+
+
+_GPR64 = struct.Struct("<15Q8x")
+
+
+def pack_gpr64(values: tuple[int, ...]) -> bytes:
+    """One ``vmport_gpr64`` entry from the 15 registers in ``GPR64_NAMES`` order."""
+    return _GPR64.pack(*values)
+
+
+def unpack_gpr64(raw: Buffer, offset: int = 0) -> tuple[int, ...]:
+    return tuple(_GPR64.unpack_from(raw, offset))
+
+
+# The ioreq-union transport (hvmport extension, issue 6; Paul Durrant's proposal). A
+# VMWARE_PORT request carries the six 32-bit registers in the fields a port access does not
+# need, and the port and access size in the padding:
+#   data  = EAX | EDX << 32        addr = EBX | ECX << 32
+#   count = ESI                    size = EDI
+#   _pad0 = (port - 0x5658) | access size << 8
+# The device model writes back data, addr, count and size; everything else is frozen.
+UNION_PORT_BASE = 0x5658
+
+
+@dataclass(slots=True, frozen=True)
+class UnionRegs:
+    eax: int
+    ebx: int
+    ecx: int
+    edx: int
+    esi: int
+    edi: int
+
+    def fields(self) -> tuple[int, int, int, int]:
+        """(addr, data, count, size) for ``ioreq_t``."""
+        return (self.ebx | self.ecx << 32, self.eax | self.edx << 32, self.esi, self.edi)
+
+    @classmethod
+    def from_fields(cls, addr: int, data: int, count: int, size: int) -> UnionRegs:
+        return cls(data & 0xFFFFFFFF, addr & 0xFFFFFFFF, addr >> 32 & 0xFFFFFFFF,
+                   data >> 32 & 0xFFFFFFFF, count & 0xFFFFFFFF, size & 0xFFFFFFFF)
+
+
+def union_access(port: int, size: int) -> int:
+    """``_pad0`` of a union request: which backdoor port, and how wide the access was."""
+    return (port - UNION_PORT_BASE) & 0xFF | (size & 0xFF) << 8
+
+
+def union_port_size(pad0: int) -> tuple[int, int]:
+    return UNION_PORT_BASE + (pad0 & 0xFF), pad0 >> 8

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 import errno
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -52,12 +53,24 @@ SET_ONCE_PARAMS = (
 VMPORT_TYPES = (abi.IOREQ_TYPE_VMWARE_PORT, abi.IOREQ_TYPE_VMWARE_PORT_QEMU_COMPAT)
 MASK32 = 0xFFFFFFFF
 MASK64 = 0xFFFFFFFFFFFFFFFF
+REGS_PAGE = dmop.HVMPORT_VMPORT_TRANSPORT_REGS_PAGE
+IOREQ_UNION = dmop.HVMPORT_VMPORT_TRANSPORT_IOREQ_UNION
+GPR64 = dmop.HVMPORT_VMPORT_TRANSPORT_GPR64
+THREE_EXCHANGE = dmop.HVMPORT_VMPORT_TRANSPORT_THREE_EXCHANGE
+#: What a three-exchange device model fetches: EAX, then a ``vmware_regs``.
+_EAX = struct.Struct("<I")
+#: An ioreq-union answer's addr, data, count and size (see abi.UnionRegs).
+_UNION_FIELDS = struct.Struct("<QQII")
 
 
 class PageKind(enum.Enum):
     IOREQ = "ioreq"
     BUFIOREQ = "bufioreq"
     VMPORT = "vmport"
+
+    # Members are singletons compared by identity; Enum's own __hash__ is a Python-level
+    # call, made several times per forwarded request on the pages dict.
+    __hash__ = object.__hash__
 
 
 @dataclass(slots=True)
@@ -79,18 +92,38 @@ class IoreqServer:
     enabled: bool = False
     pages: dict[PageKind, ServerPage] = field(default_factory=dict)
     producer: bufring.Producer | None = None
+    #: gpr64 with more than 32 vCPUs: the registers frames after the first (resource
+    #: frames 0x101 onwards, never guest frames).
+    more_vmport: list[ServerPage] = field(default_factory=list)
 
     @property
     def bufioreq(self) -> int:
         return self.flags & dmop.HVM_IOREQSRV_BUFIOREQ_MASK
+
+    @property
+    def transport(self) -> int:
+        """How VMWARE_PORT requests carry registers (an hvmport extension, issue 6)."""
+        return ((self.flags & dmop.HVMPORT_IOREQSRV_VMPORT_TRANSPORT_MASK)
+                >> dmop.HVMPORT_IOREQSRV_VMPORT_TRANSPORT_SHIFT)
+
+    @property
+    def vmport_frames(self) -> int:
+        """How many registers frames the transport needs (0: it has no page)."""
+        if not self.vmport_enabled or self.transport in (IOREQ_UNION, THREE_EXCHANGE):
+            return 0
+        if self.transport == GPR64:
+            per = abi.VMPORT_GPR64_PER_PAGE
+            return (len(self.vcpu_ports) + per - 1) // per
+        return 1
 
     def needed_pages(self) -> list[PageKind]:
         kinds = [PageKind.IOREQ]
         if self.bufioreq != dmop.HVM_IOREQSRV_BUFIOREQ_OFF:
             kinds.append(PageKind.BUFIOREQ)
         # Only a server that itself has vmport enabled gets a registers page; v14 tested
-        # the domain flag here and so broke a second (DISABLE_VMPORT) server.
-        if self.vmport_enabled:
+        # the domain flag here and so broke a second (DISABLE_VMPORT) server. The
+        # ioreq-union and three-exchange transports need none at all.
+        if self.vmport_frames:
             kinds.append(PageKind.VMPORT)
         return kinds
 
@@ -136,6 +169,12 @@ class Pending:
     waiter: slots.Waiter
     #: (addr, size, is_write) as the vCPU presented it, before any PCI rewrite.
     access: tuple[int, int, bool]
+    #: A backdoor call forwarded to a device model (with its registers, in any transport).
+    vmport: bool = False
+    #: The guest's registers when it made the call (the three-exchange fetch reads them).
+    regs_in: BackdoorRegs | None = None
+    #: What a three-exchange device model stored, to apply at completion.
+    regs_out: abi.VmwareRegs | None = None
 
 
 @dataclass(slots=True, frozen=True)
@@ -179,6 +218,11 @@ class Domain:
         self.pool_base = 0
         self.pool_free: set[int] = set()
         self.servers: dict[int, IoreqServer] = {}
+        #: The servers from the highest id down (selection order), kept by create/destroy.
+        self._by_id_desc: list[IoreqServer] = []
+        #: Some server takes the gpr64 transport, so backdoor calls need RBP and R8..R15
+        #: too (the adapter skips reading them otherwise).
+        self.wants_all_gprs = False
         self.pending: list[Pending | None] = [None] * nr_vcpus
         self.crash_info: Crash | None = None
         self.pci_cf8 = 0
@@ -300,6 +344,8 @@ class Domain:
             ranges,
         )
         self.servers[sid] = server
+        self._by_id_desc = [s for _, s in sorted(self.servers.items(), reverse=True)]
+        self.wants_all_gprs = any(s.transport == GPR64 for s in self._by_id_desc)
         return 0, sid
 
     def get_server_info(self, caller: int, sid: int, want_gfns: bool) -> tuple[int, ServerInfo]:
@@ -319,6 +365,8 @@ class Domain:
 
     def _map_gfns(self, server: IoreqServer) -> int:
         kinds = server.needed_pages()
+        if server.vmport_frames > 1:
+            return -errno.ENOMEM  # one VMPORT_REGS_PFN: no gfns for the other frames
         # The two ways of reaching a page exclude each other.
         for kind in kinds:
             page = server.pages.get(kind)
@@ -354,6 +402,11 @@ class Domain:
             kind = PageKind.IOREQ
         elif frame == dmop.HVMPORT_RESOURCE_IOREQ_SERVER_FRAME_VMPORT:
             kind = PageKind.VMPORT
+        elif 0 < frame - dmop.HVMPORT_RESOURCE_IOREQ_SERVER_FRAME_VMPORT \
+                < server.vmport_frames:
+            self._alloc_more_vmport(server)
+            return 0, server.more_vmport[
+                frame - dmop.HVMPORT_RESOURCE_IOREQ_SERVER_FRAME_VMPORT - 1].view
         else:
             return -errno.EINVAL, None
         if kind not in server.needed_pages():
@@ -411,7 +464,12 @@ class Domain:
             else:
                 self._free_gfn(page.gfn)
         server.pages.clear()
+        for page in server.more_vmport:
+            self.pages.free_frame(page.view)
+        server.more_vmport.clear()
         del self.servers[sid]
+        self._by_id_desc = [s for _, s in sorted(self.servers.items(), reverse=True)]
+        self.wants_all_gprs = any(s.transport == GPR64 for s in self._by_id_desc)
         return 0
 
     def _hide(self, server: IoreqServer, page: ServerPage) -> None:
@@ -428,6 +486,7 @@ class Domain:
         for kind in server.needed_pages():
             if kind not in server.pages:
                 server.pages[kind] = ServerPage(self.pages.alloc_frame(), None)
+        self._alloc_more_vmport(server)
         for page in server.pages.values():
             self._hide(server, page)
         server.enabled = True
@@ -441,6 +500,10 @@ class Domain:
                 self.pages.physmap_add(page.gfn)
         server.enabled = False
         server.producer = None
+
+    def _alloc_more_vmport(self, server: IoreqServer) -> None:
+        while len(server.more_vmport) < server.vmport_frames - 1:
+            server.more_vmport.append(ServerPage(self.pages.alloc_frame(), None))
 
     def _write_eports(self, server: IoreqServer) -> None:
         page = server.pages.get(PageKind.IOREQ)
@@ -470,7 +533,7 @@ class Domain:
         Returns (server, type, addr): a PIO access to 0xcfc..0xcff while 0xcf8 has its
         enable bit becomes a PCI_CONFIG request when a server claims that SBDF.
         """
-        enabled = [s for _, s in sorted(self.servers.items(), reverse=True) if s.enabled]
+        enabled = [s for s in self._by_id_desc if s.enabled]
         if ioreq_type in VMPORT_TYPES or ioreq_type == abi.IOREQ_TYPE_TIMEOFFSET:
             rtype = (dmop.XEN_DMOP_IO_RANGE_TIMEOFFSET if ioreq_type == abi.IOREQ_TYPE_TIMEOFFSET
                      else dmop.XEN_DMOP_IO_RANGE_VMWARE_PORT)
@@ -562,7 +625,8 @@ class Domain:
         """hvmport extension: a string access to the high-bandwidth backdoor port goes with
         the registers (channel, cookie, status), in the vmport page of a vmport server."""
         return (self.vmware_port and req.type == abi.IOREQ_TYPE_PIO and req.data_is_ptr
-                and req.addr == vmw.BDOORHB_PORT and PageKind.VMPORT in server.pages)
+                and req.addr == vmw.BDOORHB_PORT and server.transport == REGS_PAGE
+                and PageKind.VMPORT in server.pages)
 
     def _write_vmport_regs(self, server: IoreqServer, vcpu: int, regs: BackdoorRegs) -> None:
         page = server.pages[PageKind.VMPORT]
@@ -592,28 +656,67 @@ class Domain:
     def _forward_vmport(self, vcpu: int, port: int, size: int, is_write: bool,
                         regs: BackdoorRegs, command: int) -> IoResult:
         server, _, _ = self.select_server(abi.IOREQ_TYPE_VMWARE_PORT, port, size)
+        transport = server.transport if server is not None else REGS_PAGE
         page = server.pages.get(PageKind.VMPORT) if server is not None else None
-        if server is None or page is None:
+        # No registers to carry means no backdoor call: a server without vmport enabled
+        # (even one claiming [1,1]), or whose transport has a page it lacks, is the null
+        # handler, as in v14.
+        if server is None or not server.vmport_enabled \
+                or (page is None and server.vmport_frames):
             return IoResult(IoStatus.DONE, Route.NULL, None if is_write else slots.size_mask(size),
                             command=command)
-        self._write_vmport_regs(server, vcpu, regs)
-        qemu_type = server.flags & dmop.HVMPORT_IOREQSRV_VMPORT_QEMU_TYPE
-        req = abi.IoReq(addr=port, data=regs.rax & MASK64, size=size, count=1,
-                        type=abi.IOREQ_TYPE_VMWARE_PORT_QEMU_COMPAT if qemu_type
-                        else abi.IOREQ_TYPE_VMWARE_PORT,
-                        dir=abi.IOREQ_WRITE if is_write else abi.IOREQ_READ)
-        result = self._send(server, vcpu, req, (port, size, is_write))
+        vtype = (abi.IOREQ_TYPE_VMWARE_PORT_QEMU_COMPAT
+                 if server.flags & dmop.HVMPORT_IOREQSRV_VMPORT_QEMU_TYPE
+                 else abi.IOREQ_TYPE_VMWARE_PORT)
+        direction = abi.IOREQ_WRITE if is_write else abi.IOREQ_READ
+        frozen: tuple[str, ...] = slots.FROZEN
+        if transport == IOREQ_UNION:
+            # abi.UnionRegs' layout, spelt out: this is the hot path of the transport.
+            req = abi.IoReq(addr=regs.rbx & MASK32 | (regs.rcx & MASK32) << 32,
+                            data=regs.rax & MASK32 | (regs.rdx & MASK32) << 32,
+                            count=regs.rsi & MASK32, size=regs.rdi & MASK32, type=vtype,
+                            dir=direction, pad0=abi.union_access(port, size))
+            frozen = slots.FROZEN_UNION
+        elif transport == THREE_EXCHANGE:
+            # The pre-patch world: an ordinary port access; the registers wait here until
+            # the device model fetches them.
+            req = abi.IoReq(addr=port, size=size, count=1, type=abi.IOREQ_TYPE_PIO,
+                            dir=direction, data=regs.rax & slots.size_mask(size) if is_write
+                            else 0)
+        else:
+            assert page is not None
+            if transport == GPR64:
+                view, off = self._gpr64_entry(server, vcpu)
+                others = regs.others if len(regs.others) == 9 else (0,) * 9
+                view[off:off + abi.VMPORT_GPR64_ENTRY_SIZE] = abi.pack_gpr64(
+                    (regs.rax, regs.rbx, regs.rcx, regs.rdx, regs.rsi, regs.rdi, *others))
+            else:
+                self._write_vmport_regs(server, vcpu, regs)
+            req = abi.IoReq(addr=port, data=regs.rax & MASK64, size=size, count=1, type=vtype,
+                            dir=direction)
+        result = self._send(server, vcpu, req, (port, size, is_write), frozen)
+        pending = self.pending[vcpu]
+        if pending is not None:
+            pending.vmport = True
+            pending.regs_in = regs
         result.command = command
         return result
 
+    @staticmethod
+    def _gpr64_entry(server: IoreqServer, vcpu: int) -> tuple[memoryview, int]:
+        frame, index = divmod(vcpu, abi.VMPORT_GPR64_PER_PAGE)
+        page = server.pages[PageKind.VMPORT] if frame == 0 else server.more_vmport[frame - 1]
+        return page.view, index * abi.VMPORT_GPR64_ENTRY_SIZE
+
     def _send(self, server: IoreqServer, vcpu: int, req: abi.IoReq,
-              access: tuple[int, int, bool]) -> IoResult:
+              access: tuple[int, int, bool],
+              frozen: tuple[str, ...] = slots.FROZEN) -> IoResult:
         page = server.pages[PageKind.IOREQ]
         reason = slots.post(page.view, vcpu, req, server.vcpu_ports[vcpu])
         if reason is not None:
             self.crash(reason)
             return self._crashed()
-        self.pending[vcpu] = Pending(server.id, req, slots.Waiter(vcpu, req), access)
+        self.pending[vcpu] = Pending(server.id, req, slots.Waiter(vcpu, req, frozen), access)
         return IoResult(IoStatus.WAIT, Route.SERVER, notify=server.vcpu_ports[vcpu],
                         server=server.id, ioreq_type=req.type, request=req)
 
@@ -640,11 +743,12 @@ class Domain:
         server = self.servers.get(pending.server_id)
         base = IoResult(IoStatus.DONE, Route.SERVER, server=pending.server_id,
                         ioreq_type=req.type)
+        ones = slots.size_mask(pending.access[1])
         if server is None or PageKind.IOREQ not in server.pages:
             # Destroyed under the request: as if the emulator died.
             self.pending[vcpu] = None
             base.reason = "ioreq server destroyed while a request was in flight"
-            return self._finish(base, req, slots.size_mask(req.size), None)
+            return self._finish(base, req, ones, ones)
         polled = pending.waiter.poll(server.pages[PageKind.IOREQ].view)
         if polled.status is slots.Poll.PENDING:
             return IoResult(IoStatus.WAIT, Route.SERVER, server=server.id, ioreq_type=req.type)
@@ -654,33 +758,108 @@ class Domain:
             return self._crashed()
         if polled.status is slots.Poll.DIED:
             base.reason = polled.reason
-            return self._finish(base, req, polled.data, None)
-        vmregs = None
-        if req.type in VMPORT_TYPES or self._carries_regs(server, req):
+            return self._finish(base, req, ones, ones)
+        data = polled.data
+        if pending.vmport:
             # Review point R10: the registers come from the server that handled the request.
-            page = server.pages.get(PageKind.VMPORT)
-            if page is not None:
-                off = vcpu * abi.VMWARE_REGS_SIZE
-                vmregs = abi.VmwareRegs.unpack(bytes(page.view[off:off + abi.VMWARE_REGS_SIZE]))
-        return self._finish(base, req, polled.data, (regs, vmregs))
+            data, base.regs = self._vmport_back(server, vcpu, pending, polled, regs, data)
+        elif self._carries_regs(server, req):
+            base.regs = self._hb_regs_back(server, vcpu, regs)
+        return self._finish(base, req, data, ones)
 
-    def _finish(self, result: IoResult, req: abi.IoReq, data: int,
-                vmport: tuple[BackdoorRegs, abi.VmwareRegs | None] | None) -> IoResult:
-        vr = vmport[1] if vmport is not None else None
-        if vmport is not None and vr is not None:
-            regs = vmport[0]
-            result.regs = BackdoorRegs(
-                regs.rax,
-                (regs.rbx & ~MASK32 & MASK64) | vr.ebx,
-                (regs.rcx & ~MASK32 & MASK64) | vr.ecx,
-                (regs.rdx & ~MASK32 & MASK64) | vr.edx,
-                (regs.rsi & ~MASK32 & MASK64) | vr.esi,
-                (regs.rdi & ~MASK32 & MASK64) | vr.edi,
-                regs.rbp,
-            )
+    def _hb_regs_back(self, server: IoreqServer, vcpu: int,
+                      regs: BackdoorRegs) -> BackdoorRegs:
+        """A high-bandwidth string access's registers, from the regs page (one copy)."""
+        page = server.pages[PageKind.VMPORT]
+        off = vcpu * abi.VMWARE_REGS_SIZE
+        vr = abi.VmwareRegs.unpack(bytes(page.view[off:off + abi.VMWARE_REGS_SIZE]))
+        back = _halves(regs, vr.ebx, vr.ecx, vr.edx, vr.esi, vr.edi)
+        back.rbp = regs.rbp
+        return back
+
+    def _vmport_back(self, server: IoreqServer, vcpu: int, pending: Pending,
+                     polled: slots.PollResult, regs: BackdoorRegs,
+                     data: int) -> tuple[int, BackdoorRegs | None]:
+        """The IN value and the registers a backdoor call hands back, per transport.
+
+        Every shared byte is copied once before it is looked at.
+        """
+        transport = server.transport
+        if transport == IOREQ_UNION:
+            if not polled.raw:
+                return data, None
+            addr, data, count, edi = _UNION_FIELDS.unpack_from(polled.raw)
+            return data & MASK32, _halves(regs, addr & MASK32, addr >> 32, data >> 32, count,
+                                          edi)
+        if transport == THREE_EXCHANGE:
+            out = pending.regs_out
+            if out is None:
+                return data, None  # the device model stored nothing: registers unchanged
+            return data, _halves(regs, out.ebx, out.ecx, out.edx, out.esi, out.edi)
+        page = server.pages.get(PageKind.VMPORT)
+        if page is None:
+            return data, None
+        if transport == GPR64:
+            view, off = self._gpr64_entry(server, vcpu)
+            v = abi.unpack_gpr64(bytes(view[off:off + abi.VMPORT_GPR64_ENTRY_SIZE]))
+            # Whole 64-bit registers come back: that is what this layout is for. RBP and
+            # R8..R15 only where the vCPU gave them (the adapter writes back what it read).
+            return data, BackdoorRegs(regs.rax, v[1], v[2], v[3], v[4], v[5],
+                                      tuple(v[6:]) if regs.others else ())
+        off = vcpu * abi.VMWARE_REGS_SIZE
+        vr = abi.VmwareRegs.unpack(bytes(page.view[off:off + abi.VMWARE_REGS_SIZE]))
+        return data, _halves(regs, vr.ebx, vr.ecx, vr.edx, vr.esi, vr.edi)
+
+    @staticmethod
+    def _finish(result: IoResult, req: abi.IoReq, data: int, ones: int) -> IoResult:
         if req.dir == abi.IOREQ_READ and not req.data_is_ptr:
-            result.value = data & slots.size_mask(req.size)
+            result.value = data & ones
         return result
+
+    # ------------------------------------------------------------------ three-exchange
+
+    def vmport_get_regs(self, caller: int, vcpu: int) -> tuple[int, bytes]:
+        """The second exchange: a three-exchange device model fetches the registers.
+
+        24 bytes: EAX (u32), then a ``vmware_regs`` (ESI, EDI, EBX, ECX, EDX). Only for a
+        backdoor call in flight on ``vcpu`` to a three-exchange server the caller owns.
+        """
+        rc, pending = self._exchange(caller, vcpu)
+        if pending is None or pending.regs_in is None:
+            return rc or -errno.ENOENT, b""
+        r = pending.regs_in
+        return 0, _EAX.pack(r.rax & MASK32) + abi.VmwareRegs(
+            r.rsi & MASK32, r.rdi & MASK32, r.rbx & MASK32, r.rcx & MASK32, r.rdx & MASK32
+        ).pack()
+
+    def vmport_set_regs(self, caller: int, vcpu: int, raw: bytes) -> int:
+        """The third exchange: store a ``vmware_regs`` to hand back at completion.
+
+        It must come before the device model answers the slot: after that the call is
+        over and this is -ENOENT.
+        """
+        if len(raw) != abi.VMWARE_REGS_SIZE:
+            return -errno.EINVAL
+        rc, pending = self._exchange(caller, vcpu)
+        if pending is None:
+            return rc
+        pending.regs_out = abi.VmwareRegs.unpack(raw)
+        return 0
+
+    def _exchange(self, caller: int, vcpu: int) -> tuple[int, Pending | None]:
+        if self.crashed or not 0 <= vcpu < self.nr_vcpus:
+            return -errno.EINVAL, None
+        pending = self.pending[vcpu]
+        if pending is None or not pending.vmport:
+            return -errno.ENOENT, None
+        server = self.servers.get(pending.server_id)
+        if server is None:
+            return -errno.ENOENT, None
+        if server.emulator != caller:
+            return -errno.EPERM, None
+        if server.transport != THREE_EXCHANGE:
+            return -errno.EINVAL, None
+        return 0, pending
 
     def _check_idle(self, vcpu: int) -> None:
         if not 0 <= vcpu < self.nr_vcpus:
@@ -719,3 +898,11 @@ class Domain:
                 if port is not None and status is bufring.Send.QUEUED:
                     ports.append(port)
         return ports
+
+
+def _halves(regs: BackdoorRegs, ebx: int, ecx: int, edx: int, esi: int,
+            edi: int) -> BackdoorRegs:
+    """Registers come back into their 32-bit halves; the upper halves keep their value."""
+    hi = ~MASK32 & MASK64
+    return BackdoorRegs(regs.rax, (regs.rbx & hi) | ebx, (regs.rcx & hi) | ecx,
+                        (regs.rdx & hi) | edx, (regs.rsi & hi) | esi, (regs.rdi & hi) | edi)

@@ -9,6 +9,7 @@ NONE (hypervisor).
 from __future__ import annotations
 
 import enum
+import struct
 from dataclasses import dataclass
 
 from hvmport.abi.ioreq import (
@@ -29,11 +30,11 @@ def slot_offset(vcpu: int) -> int:
 
 
 def read_state(page: Page, vcpu: int) -> int:
-    return page[slot_offset(vcpu) + IOREQ_STATE_BYTE] & 0xF
+    return page[vcpu * IOREQ_SIZE + IOREQ_STATE_BYTE] & 0xF
 
 
 def _write_state(page: Page, vcpu: int, state: int) -> None:
-    off = slot_offset(vcpu) + IOREQ_STATE_BYTE
+    off = vcpu * IOREQ_SIZE + IOREQ_STATE_BYTE
     page[off] = (page[off] & 0xF0) | state
 
 
@@ -50,13 +51,16 @@ def post(page: Page, vcpu: int, req: IoReq, vp_eport: int) -> str | None:
     Returns None, or the reason the domain must crash (the device model left the slot busy
     or rewrote ``vp_eport``), as Xen's ``hvm_send_ioreq`` refuses such a slot.
     """
-    off = slot_offset(vcpu)
-    current = IoReq.unpack(bytes(page[off:off + IOREQ_SIZE]))
-    if current.state != STATE_IOREQ_NONE:
-        return f"device model set bad IO state {current.state} in vCPU {vcpu}'s slot"
-    if current.vp_eport != vp_eport:
+    off = vcpu * IOREQ_SIZE
+    # One copy of what the device model could have touched: vp_eport .. the state byte.
+    head = bytes(page[off + 24:off + 31])
+    state = head[6] & 0xF
+    if state != STATE_IOREQ_NONE:
+        return f"device model set bad IO state {state} in vCPU {vcpu}'s slot"
+    current_port = int.from_bytes(head[:4], "little")
+    if current_port != vp_eport:
         return (f"device model changed vp_eport of vCPU {vcpu}'s slot "
-                f"({current.vp_eport} != {vp_eport})")
+                f"({current_port} != {vp_eport})")
     req.state = STATE_IOREQ_NONE
     req.vp_eport = vp_eport
     page[off:off + IOREQ_SIZE] = req.pack()
@@ -77,21 +81,62 @@ class PollResult:
     status: Poll
     data: int = 0
     reason: str = ""
+    #: The private copy of the answered slot (ioreq-union answers only), whose addr,
+    #: count and size carry registers back.
+    raw: bytes = b""
 
 
 #: Fields a device model must hand back unchanged.
-_FROZEN = ("addr", "size", "count", "type", "vp_eport", "dir", "df", "data_is_ptr")
+FROZEN: tuple[str, ...] = ("addr", "size", "count", "type", "vp_eport", "dir", "df", "data_is_ptr")
+#: An ioreq-union request carries registers in addr/data/count/size both ways; the rest,
+#: including the port and access size in ``_pad0``, must come back unchanged.
+FROZEN_UNION: tuple[str, ...] = ("type", "vp_eport", "dir", "df", "data_is_ptr", "pad0")
+
+
+#: Where each field of ``ioreq_t`` lives, as a mask over the slot read as one integer.
+_FIELD_MASKS = {
+    "addr": (1 << 64) - 1,
+    "data": ((1 << 64) - 1) << 64,
+    "count": 0xFFFFFFFF << 128,
+    "size": 0xFFFFFFFF << 160,
+    "vp_eport": 0xFFFFFFFF << 192,
+    "pad0": 0xFFFF << 224,
+    "data_is_ptr": 0x10 << 240,
+    "dir": 0x20 << 240,
+    "df": 0x40 << 240,
+    "type": 0xFF << 248,
+}
+
+
+def _frozen_mask(frozen: tuple[str, ...]) -> int:
+    mask = 0
+    for name in frozen:
+        mask |= _FIELD_MASKS[name]
+    return mask
+
+
+_MASKS: dict[tuple[str, ...], int] = {}
 
 
 class Waiter:
-    """The hypervisor's wait for one request: remembers the last state seen."""
+    """The hypervisor's wait for one request: remembers the last state seen.
 
-    __slots__ = ("prev_state", "sent", "vcpu")
+    The answered slot is copied once and its frozen fields compared with what was sent as
+    one masked integer comparison (the per-field walk only runs to name a difference).
+    """
 
-    def __init__(self, vcpu: int, sent: IoReq) -> None:
+    __slots__ = ("frozen", "mask", "prev_state", "sent", "vcpu", "want")
+
+    def __init__(self, vcpu: int, sent: IoReq, frozen: tuple[str, ...] = FROZEN) -> None:
         self.vcpu = vcpu
         self.sent = sent
+        self.frozen = frozen
         self.prev_state = STATE_IOREQ_READY
+        mask = _MASKS.get(frozen)
+        if mask is None:
+            mask = _MASKS[frozen] = _frozen_mask(frozen)
+        self.mask = mask
+        self.want = int.from_bytes(sent.pack(), "little") & mask
 
     def poll(self, page: Page) -> PollResult:
         state = read_state(page, self.vcpu)
@@ -106,15 +151,21 @@ class Waiter:
         if state != STATE_IORESP_READY:
             self.prev_state = state
             return PollResult(Poll.PENDING)
-        off = slot_offset(self.vcpu)
-        got = IoReq.unpack(bytes(page[off:off + IOREQ_SIZE]))
-        for name in _FROZEN:
-            if getattr(got, name) != getattr(self.sent, name):
-                return PollResult(Poll.CRASH, reason=(
-                    f"device model changed ioreq {name} "
-                    f"({getattr(self.sent, name)!r} -> {getattr(got, name)!r})"))
+        off = self.vcpu * IOREQ_SIZE
+        raw = bytes(page[off:off + IOREQ_SIZE])
+        if int.from_bytes(raw, "little") & self.mask != self.want:
+            got = IoReq.unpack(raw)
+            for name in self.frozen:
+                if getattr(got, name) != getattr(self.sent, name):
+                    return PollResult(Poll.CRASH, reason=(
+                        f"device model changed ioreq {name} "
+                        f"({getattr(self.sent, name)!r} -> {getattr(got, name)!r})"))
         _write_state(page, self.vcpu, STATE_IOREQ_NONE)
-        return PollResult(Poll.DONE, got.data & size_mask(self.sent.size))
+        data = int.from_bytes(raw[8:16], "little")
+        if "size" in self.frozen:
+            return PollResult(Poll.DONE, data & size_mask(self.sent.size))
+        # An ioreq-union answer: size is EDI, and the caller wants the other fields too.
+        return PollResult(Poll.DONE, data, raw=raw)
 
 
 # ---------------------------------------------------------------- device-model side
@@ -124,7 +175,7 @@ def take(page: Page, vcpu: int) -> IoReq | None:
     """If the slot is READY: copy it once, mark it INPROCESS and return the copy."""
     if read_state(page, vcpu) != STATE_IOREQ_READY:
         return None
-    off = slot_offset(vcpu)
+    off = vcpu * IOREQ_SIZE
     req = IoReq.unpack(bytes(page[off:off + IOREQ_SIZE]))
     if req.state != STATE_IOREQ_READY:
         return None
@@ -134,7 +185,19 @@ def take(page: Page, vcpu: int) -> IoReq | None:
 
 def respond(page: Page, vcpu: int, data: int | None) -> None:
     """Write the result (only ``data``, nothing else) and mark the slot IORESP_READY."""
-    off = slot_offset(vcpu)
+    off = vcpu * IOREQ_SIZE
     if data is not None:
         page[off + 8:off + 16] = (data & 0xFFFFFFFFFFFFFFFF).to_bytes(8, "little")
+    _write_state(page, vcpu, STATE_IORESP_READY)
+
+
+_FIELDS = struct.Struct("<QQII")
+
+
+def respond_fields(page: Page, vcpu: int, addr: int, data: int, count: int, size: int) -> None:
+    """An ioreq-union answer: addr, data, count and size carry registers back."""
+    off = vcpu * IOREQ_SIZE
+    page[off:off + _FIELDS.size] = _FIELDS.pack(addr & 0xFFFFFFFFFFFFFFFF,
+                                                data & 0xFFFFFFFFFFFFFFFF,
+                                                count & 0xFFFFFFFF, size & 0xFFFFFFFF)
     _write_state(page, vcpu, STATE_IORESP_READY)

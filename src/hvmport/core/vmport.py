@@ -40,7 +40,10 @@ class BackdoorRegs:
     rdx: int
     rsi: int
     rdi: int
-    #: Only the high-bandwidth port (string I/O on 0x5659) uses it.
+    #: RBP and R8..R15, for the gpr64 transport, which carries every GPR but RSP; empty
+    #: where nobody needs them (the other transports and the in-hypervisor commands).
+    others: tuple[int, ...] = ()
+    #: EBP for the high-bandwidth port (string I/O on 0x5659), where it is an argument.
     rbp: int = 0
 
 
@@ -90,8 +93,11 @@ def backdoor(
     if port != vm.BDOOR_PORT or (regs.rax & MASK32) != vm.BDOOR_MAGIC:
         return BackdoorResult(Outcome.IGNORED)
     cmd = regs.rcx & 0xFFFF
+    if cmd not in _OURS:
+        # Decided before copying registers: forwarding is the device-model hot path.
+        return BackdoorResult(Outcome.FORWARD, command=cmd)
     new_eax = ALL_ONES
-    out = BackdoorRegs(regs.rax, regs.rbx, regs.rcx, regs.rdx, regs.rsi, regs.rdi)
+    out = BackdoorRegs(regs.rax, regs.rbx, regs.rcx, regs.rdx, regs.rsi, regs.rdi, regs.others)
     if cmd == vm.BDOOR_CMD_GETMHZ:
         new_eax = platform.tsc_khz // 1000
     elif cmd == vm.BDOOR_CMD_GETVERSION:
@@ -126,6 +132,11 @@ def backdoor(
     else:
         return BackdoorResult(Outcome.FORWARD, command=cmd)
     return BackdoorResult(Outcome.HANDLED, out, new_eax, cmd)
+
+
+#: The commands the hypervisor answers itself (the v14 series); everything else forwards.
+_OURS = frozenset({vm.BDOOR_CMD_GETMHZ, vm.BDOOR_CMD_GETVERSION, vm.BDOOR_CMD_GETHWVERSION,
+                   vm.BDOOR_CMD_GETHZ, vm.BDOOR_CMD_GETTIME, vm.BDOOR_CMD_GETTIMEFULL})
 
 
 def apply_in(rax: int, value: int, size: int) -> int:

@@ -15,11 +15,33 @@ from dataclasses import dataclass
 
 from hvmport.abi import control as ctl
 from hvmport.abi import dm_op as dmop
+from hvmport.abi import ioreq as abi
 from hvmport.core import dmop as ops
 from hvmport.errors import DmOpError, HostError
 from hvmport.hv import evtchn
 
 PAGE = 4096
+
+#: The register transports a VMWARE_PORT server can ask for at creation (issue 6), by the
+#: names the device model's ``--vmport-transport`` and ``hvmport bench`` use.
+VMPORT_TRANSPORTS = {
+    "regs-page": dmop.HVMPORT_VMPORT_TRANSPORT_REGS_PAGE,
+    "ioreq-union": dmop.HVMPORT_VMPORT_TRANSPORT_IOREQ_UNION,
+    "gpr64": dmop.HVMPORT_VMPORT_TRANSPORT_GPR64,
+    "three-exchange": dmop.HVMPORT_VMPORT_TRANSPORT_THREE_EXCHANGE,
+}
+
+
+def vmport_transport_flags(name: str) -> int:
+    """The create_ioreq_server flag bits that select a register transport."""
+    return VMPORT_TRANSPORTS[name] << dmop.HVMPORT_IOREQSRV_VMPORT_TRANSPORT_SHIFT
+
+
+def vmport_frames(name: str, nr_vcpus: int) -> int:
+    """How many registers frames (from 0x100) a server with this transport has."""
+    if name == "gpr64":
+        return -(-nr_vcpus // abi.VMPORT_GPR64_PER_PAGE)
+    return 1 if name == "regs-page" else 0
 
 
 @dataclass(slots=True)
@@ -147,10 +169,25 @@ class DeviceModel:
         reply, _ = self._call(ctl.CTL_DM_OP, domid, payload=buf)
         return reply.rc, reply.payload
 
+    def vmport_get_regs(self, domid: int, vcpu: int) -> tuple[int, abi.VmwareRegs]:
+        """Three-exchange transport, second exchange: the calling vCPU's EAX and registers."""
+        reply, _ = self._call(ctl.CTL_VMPORT_GET_REGS, domid, (vcpu, 0, 0, 0))
+        if reply.rc or len(reply.payload) != 4 + abi.VMWARE_REGS_SIZE:
+            raise DmOpError("vmport_get_regs", -reply.rc if reply.rc else 22)
+        eax = int.from_bytes(reply.payload[:4], "little")
+        return eax, abi.VmwareRegs.unpack(reply.payload, 4)
+
+    def vmport_set_regs(self, domid: int, vcpu: int, regs: abi.VmwareRegs) -> None:
+        """Three-exchange transport, third exchange: registers to hand back (before the
+        slot is answered)."""
+        reply, _ = self._call(ctl.CTL_VMPORT_SET_REGS, domid, (vcpu, 0, 0, 0), regs.pack())
+        if reply.rc:
+            raise DmOpError("vmport_set_regs", -reply.rc)
+
     # -------------------------------------------------------------- libxenforeignmemory
 
     def map_resource(self, domid: int, sid: int, frame: int, nr: int = 1) -> list[mmap.mmap]:
-        """Map ioreq-server frames (0: buffered ring, 1: slots, 0x100: vmport regs)."""
+        """Map ioreq-server frames (0: buffered ring, 1: slots, 0x100 on: vmport regs)."""
         reply, fds = self._call(ctl.CTL_MAP_RESOURCE, domid,
                                 (dmop.XENMEM_resource_ioreq_server, sid, frame, nr))
         try:

@@ -28,7 +28,13 @@ from typing import TYPE_CHECKING, BinaryIO
 from hvmport import atomic
 from hvmport.abi import dm_op as dmop
 from hvmport.abi import ioreq as abi
-from hvmport.dm.client import DeviceModel, EventChannel
+from hvmport.dm.client import (
+    VMPORT_TRANSPORTS,
+    DeviceModel,
+    EventChannel,
+    vmport_frames,
+    vmport_transport_flags,
+)
 from hvmport.dm.devices.bus import PortBus
 from hvmport.dm.devices.guestrpc import BDOOR_CMD_MESSAGE, HB_PORT, GuestRpc
 from hvmport.dm.devices.i8042 import I8042
@@ -118,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a secondary server: HVM_IOREQSRV_DISABLE_VMPORT, no platform devices")
     p.add_argument("--qemu-type", action="store_true",
                    help="receive VMWARE_PORT requests as QEMU's type 3 (hvmport extension)")
+    p.add_argument("--vmport-transport", choices=list(VMPORT_TRANSPORTS),
+                   default="regs-page",
+                   help="how backdoor calls carry the guest's registers (hvmport extension; "
+                        "default: v14's registers page)")
     p.add_argument("--ports", type=_range("port", 0xFFFF), action="append", default=[],
                    help="claim this port range with scratch registers (repeatable)")
     p.add_argument("--mmio", type=_range("MMIO", (1 << 64) - 1), action="append", default=[],
@@ -278,15 +288,19 @@ class DeviceModelProcess:
             flags |= dmop.HVM_IOREQSRV_DISABLE_VMPORT
         if args.qemu_type:
             flags |= dmop.HVMPORT_IOREQSRV_VMPORT_QEMU_TYPE
+        transport = args.vmport_transport
+        if self.serve_vmport:
+            flags |= vmport_transport_flags(transport)
         sid = c.create_ioreq_server(domid, flags)
         guest = c.map_guest_memory(domid)
         ranges = self.build_devices(c.guest_ram_size)
         buf_page = c.map_resource(domid, sid, 0)[0] if flags & 3 else None
         ioreq_page = c.map_resource(domid, sid, 1)[0]
-        vmport_page = None
-        if self.serve_vmport:
-            vmport_page = c.map_resource(
-                domid, sid, dmop.HVMPORT_RESOURCE_IOREQ_SERVER_FRAME_VMPORT)[0]
+        vmport_pages = []
+        frames = vmport_frames(transport, self.nr_vcpus)
+        if self.serve_vmport and frames:
+            vmport_pages = c.map_resource(
+                domid, sid, dmop.HVMPORT_RESOURCE_IOREQ_SERVER_FRAME_VMPORT, frames)
         for first, last in ranges:
             c.map_io_range_to_ioreq_server(domid, sid, dmop.XEN_DMOP_IO_RANGE_PORT, first, last)
         for first, last in self.mmio.ranges():
@@ -309,7 +323,12 @@ class DeviceModelProcess:
             self.nr_vcpus, ioreq_page, channels, self.bus,
             vmport=self.vmport_call if self.vmport is not None else None,
             memory_devices=self.mmio,
-            vmport_page=vmport_page, buf_page=buf_page, buf_channel=buf_channel,
+            vmport_page=vmport_pages[0] if vmport_pages else None,
+            more_vmport_pages=vmport_pages[1:],
+            transport=VMPORT_TRANSPORTS[transport] if self.serve_vmport else 0,
+            exchange=(_Exchange(c, domid) if transport == "three-exchange"
+                      and self.serve_vmport else None),
+            buf_page=buf_page, buf_channel=buf_channel,
             guest_memory=guest, vmport_types=vmport_types, spin_us=args.spin_us,
             add32=atomic.add32, watch={c.fileno(): self._hypervisor_gone},
             tracer=self.tracer, server_id=sid,
@@ -358,12 +377,16 @@ class DeviceModelProcess:
         return False
 
 
-class _Machine:
-    """QMP's stop/cont/system_powerdown/quit, as requests to the hypervisor."""
+class _DomainCalls:
+    """Calls about one domain through the client library."""
 
     def __init__(self, client: DeviceModel, domid: int) -> None:
         self.client = client
         self.domid = domid
+
+
+class _Machine(_DomainCalls):
+    """QMP's stop/cont/system_powerdown/quit, as requests to the hypervisor."""
 
     def pause(self) -> None:
         self.client.pause(self.domid)
@@ -373,6 +396,16 @@ class _Machine:
 
     def power_off(self) -> None:
         self.client.remote_shutdown(self.domid, dmop.SHUTDOWN_poweroff)
+
+
+class _Exchange(_DomainCalls):
+    """The three-exchange transport's fetch and store, through the client library."""
+
+    def get(self, vcpu: int) -> tuple[int, abi.VmwareRegs]:
+        return self.client.vmport_get_regs(self.domid, vcpu)
+
+    def set(self, vcpu: int, regs: abi.VmwareRegs) -> None:
+        self.client.vmport_set_regs(self.domid, vcpu, regs)
 
 
 def _console_socket(spec: str) -> socket.socket:

@@ -194,6 +194,12 @@ class ControlServer:
             else:
                 self.lifecycle.unpause()
             return ctl.Reply(0), []
+        if req.kind == ctl.CTL_VMPORT_GET_REGS:
+            rc, raw = self.domain.vmport_get_regs(peer.emulator, req.args[0])
+            return ctl.Reply(rc, payload=raw), []
+        if req.kind == ctl.CTL_VMPORT_SET_REGS:
+            return ctl.Reply(self.domain.vmport_set_regs(peer.emulator, req.args[0],
+                                                         req.payload)), []
         if req.kind == ctl.CTL_NR_VCPUS:
             return ctl.Reply(0, self.domain.nr_vcpus), []
         if req.kind == ctl.CTL_MAP_GUEST_MEMORY:

@@ -61,8 +61,14 @@ class DomainCrashed(VcpuStop):
         super().__init__(STATUS_DOMAIN_CRASHED, f"domain crashed: {reason}")
 
 
-def _backdoor_regs(regs: Regs) -> BackdoorRegs:
-    return BackdoorRegs(regs.rax, regs.rbx, regs.rcx, regs.rdx, regs.rsi, regs.rdi, regs.rbp)
+def _backdoor_regs(regs: Regs, all_gprs: bool) -> BackdoorRegs:
+    if not all_gprs:
+        return BackdoorRegs(regs.rax, regs.rbx, regs.rcx, regs.rdx, regs.rsi, regs.rdi,
+                            rbp=regs.rbp)
+    # RBP and R8..R15 go along for the gpr64 transport, which carries every GPR but RSP.
+    return BackdoorRegs(regs.rax, regs.rbx, regs.rcx, regs.rdx, regs.rsi, regs.rdi,
+                        (regs.rbp, regs.r8, regs.r9, regs.r10, regs.r11, regs.r12, regs.r13,
+                         regs.r14, regs.r15), rbp=regs.rbp)
 
 
 class Staging:
@@ -158,7 +164,8 @@ class Emulator:
         # Registers are only needed for the backdoor; skip fetching them otherwise.
         in_backdoor = 0x5658 <= access.port <= 0x565B and self.domain.vmware_port
         regs = ctx.get_regs() if in_backdoor else None
-        bregs = _backdoor_regs(regs) if regs is not None else _NO_REGS
+        bregs = (_backdoor_regs(regs, self.domain.wants_all_gprs) if regs is not None
+                 else _NO_REGS)
         value = int.from_bytes(access.data, "little") if access.is_write else 0
         cpl = ctx.cpl() if in_backdoor else 0
         with self.domain_lock:
@@ -177,6 +184,9 @@ class Emulator:
             new = regs.copy()
             new.rbx, new.rcx, new.rdx = result.regs.rbx, result.regs.rcx, result.regs.rdx
             new.rsi, new.rdi = result.regs.rsi, result.regs.rdi
+            if len(result.regs.others) == 9:
+                (new.rbp, new.r8, new.r9, new.r10, new.r11, new.r12, new.r13, new.r14,
+                 new.r15) = result.regs.others
             if result.value is not None:
                 # The backend applies IN data after set_regs; keep RAX consistent anyway.
                 new.rax = apply_in(regs.rax, result.value, access.size)
@@ -216,7 +226,7 @@ class Emulator:
         # The high-bandwidth backdoor's registers travel with its string I/O.
         hb = access.port == vm.BDOORHB_PORT and self.domain.vmware_port
         regs = ctx.get_regs() if hb else None
-        bregs = _backdoor_regs(regs) if regs is not None else _NO_REGS
+        bregs = _backdoor_regs(regs, False) if regs is not None else _NO_REGS
         # Elements are staged in the order the instruction moves them, so the request
         # always steps upwards (df = 0) whatever the guest's direction flag.
         gpa = staging.gpa(ctx.vcpu_id)
