@@ -57,7 +57,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         console_file = open(args.debugcon, "wb")  # noqa: SIM115 - closed below
         console = console_file
     config = RunConfig(
-        Image(kernel, mode, load_addr, args.cmdline), backend=args.backend,
+        Image(kernel, mode, load_addr, args.cmdline,
+              Path(args.ramdisk) if args.ramdisk else None), backend=args.backend,
         memory_mib=args.memory, vcpus=args.vcpus, vmware_port=args.vmware_port,
         vmware_hwver=args.vmware_hwver, smp_entry=args.smp_entry, timeout=args.timeout,
         console=console, note=lambda text: print(f"hvmport: {text}", file=sys.stderr),
@@ -123,13 +124,16 @@ def build_parser() -> argparse.ArgumentParser:
         "status ((value << 1) | 1), 0 when it halts, 4 on a guest fault, 6 when the domain "
         "crashed, 124 on timeout.")
     run.add_argument("--kernel", metavar="FILE",
-                     help="Multiboot v1 ELF kernel, or a flat binary with --mode")
+                     help="Multiboot v1 ELF kernel, Linux bzImage or vmlinux, or a flat "
+                     "binary with --mode")
     run.add_argument("--mode", type=int, choices=(16, 32, 64),
                      help="load --kernel as a flat binary starting in this CPU mode")
     run.add_argument("--load-addr", type=_int, metavar="ADDR",
                      help="physical load (and entry) address of a flat binary "
                      "(default 0x10000 in 16-bit mode, else 0x100000)")
-    run.add_argument("--cmdline", default="", help="Multiboot command line")
+    run.add_argument("--cmdline", default="", help="Multiboot or Linux command line")
+    run.add_argument("--ramdisk", metavar="FILE",
+                     help="initrd for a Linux --kernel (bzImage or vmlinux)")
     run.add_argument("--backend", default="auto", choices=("auto", "kvm", "unicorn"),
                      help="CPU backend; auto picks KVM when /dev/kvm answers (default auto)")
     run.add_argument("--memory", type=int, default=64, metavar="MiB",

@@ -54,12 +54,14 @@ class SystemClock:
 
 @dataclass(slots=True)
 class Image:
-    """What to load: a Multiboot ELF, or a flat binary at an address in a mode."""
+    """What to load: a Multiboot ELF, a Linux bzImage or vmlinux (with an optional
+    initrd), or a flat binary at an address in a mode."""
 
     path: Path
     flat_mode: Mode | None = None
     load_addr: int = 0x100000
     cmdline: str = ""
+    ramdisk: Path | None = None
 
 
 @dataclass(slots=True)
@@ -123,7 +125,18 @@ def _load(config: RunConfig, memory: GuestMemory) -> StartState:
 
     image = config.image
     if image.flat_mode is None:
+        from hvmport.hv import linuxboot
+
+        with image.path.open("rb") as f:
+            head = f.read(0x300)
+        if linuxboot.is_linux_image(head):
+            return linuxboot.load_linux(image.path, memory, image.cmdline, image.ramdisk)
+        if image.ramdisk is not None:
+            raise ConfigError("a ramdisk needs a Linux kernel (bzImage or vmlinux)",
+                              path=str(image.path))
         return loader.load_multiboot(image.path, memory, image.cmdline)
+    if image.ramdisk is not None:
+        raise ConfigError("a ramdisk needs a Linux kernel, not a flat binary")
     data = image.path.read_bytes()
     return loader.load_flat(data, memory, image.load_addr, image.flat_mode)
 
