@@ -102,6 +102,26 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_guest(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from hvmport import linuxguest
+
+    progress = linuxguest.Progress(sys.stderr, quiet=args.json)
+    guest = linuxguest.build(Path(args.cache) if args.cache else None, progress)
+    if args.json:
+        json.dump(guest.as_json(), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(f"kernel   {guest.vmlinux}  ({guest.kernel_package} {guest.kernel_version})")
+        print(f"bzImage  {guest.bzimage}")
+        print(f"initrd   {guest.initrd}  (busybox-static {guest.busybox_version})")
+        print(f"cmdline  {guest.cmdline}")
+        print(f"run it:  hvmport run --backend unicorn --memory 256 --kernel {guest.vmlinux} "
+              f"--ramdisk {guest.initrd} --cmdline '{guest.cmdline}'")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hvmport",
@@ -187,6 +207,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--plot", metavar="OUT.png", help="also draw the figures (matplotlib)")
     bench.add_argument("--only", metavar="NAMES", help="comma-separated scenario names")
     bench.set_defaults(func=_cmd_bench)
+
+    guest = sub.add_parser("guest", help="build a test guest (linux: Debian kernel + busybox)",
+                           description="Build a test guest from distribution packages, cached.")
+    guest.add_argument("what", choices=("linux",),
+                       help="linux: Debian's stock kernel and a busybox-static initramfs "
+                       "with hvmport's /init, via apt-get download")
+    guest.add_argument("--cache", metavar="DIR",
+                       help="where built guests live (default ~/.cache/hvmport/linux)")
+    guest.add_argument("--json", action="store_true",
+                       help='print {"bzimage", "vmlinux", "initrd", "cmdline", ...}')
+    guest.set_defaults(func=_cmd_guest)
     return parser
 
 

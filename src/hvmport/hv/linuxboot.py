@@ -289,7 +289,25 @@ def decompress_payload(payload: bytes) -> bytes:
 # --- parsing -----------------------------------------------------------------------------
 
 
-def _parse_bzimage(image: bytes) -> KernelImage:
+def extract_vmlinux(image: bytes) -> bytes:
+    """The vmlinux (ELF) inside a bzImage, after checking the setup header."""
+    _check_setup_header(image)
+    setup_sects = image[OFF_SETUP_SECTS] or 4
+    pm_start = (setup_sects + 1) * 512
+    offset, length = struct.unpack_from("<II", image, OFF_PAYLOAD_OFFSET)
+    start = pm_start + offset
+    if length == 0 or start + length > len(image):
+        raise ConfigError(
+            f"the payload (offset {offset:#x} after the setup part at {pm_start:#x}, "
+            f"{length} bytes) lies outside the file ({len(image)} bytes)")
+    vmlinux = decompress_payload(image[start:start + length])
+    if vmlinux[:4] != b"\x7fELF":
+        raise ConfigError("the payload decompresses to something that is not an ELF file")
+    return vmlinux
+
+
+def _check_setup_header(image: bytes) -> int:
+    """Validate the setup header; return where it ends."""
     if len(image) < 0x270:
         raise ConfigError(f"the file has {len(image)} bytes: too short for a bzImage setup "
                           f"header, and not an ELF file")
@@ -313,17 +331,12 @@ def _parse_bzimage(image: bytes) -> KernelImage:
     if header_end > len(image) or header_end < OFF_INIT_SIZE + 4:
         raise ConfigError(f"the setup header ends at {header_end:#x}, which the jump at 0x200 "
                           f"gives; it must cover init_size at 0x260 and lie in the file")
-    setup_sects = image[OFF_SETUP_SECTS] or 4
-    pm_start = (setup_sects + 1) * 512
-    offset, length = struct.unpack_from("<II", image, OFF_PAYLOAD_OFFSET)
-    start = pm_start + offset
-    if length == 0 or start + length > len(image):
-        raise ConfigError(
-            f"the payload (offset {offset:#x} after the setup part at {pm_start:#x}, "
-            f"{length} bytes) lies outside the file ({len(image)} bytes)")
-    vmlinux = decompress_payload(image[start:start + length])
-    if vmlinux[:4] != b"\x7fELF":
-        raise ConfigError("the payload decompresses to something that is not an ELF file")
+    return header_end
+
+
+def _parse_bzimage(image: bytes) -> KernelImage:
+    header_end = _check_setup_header(image)
+    vmlinux = extract_vmlinux(image)
     segments, entry = _parse_vmlinux(vmlinux)
     pref_address, = struct.unpack_from("<Q", image, OFF_PREF_ADDRESS)
     init_size, = struct.unpack_from("<I", image, OFF_INIT_SIZE)
