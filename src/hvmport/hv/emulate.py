@@ -20,6 +20,7 @@ from hvmport.core.vmport import BackdoorRegs, apply_in
 from hvmport.cpu.base import MmioAccess, PortAccess, Regs, VcpuContext, VcpuStop
 from hvmport.hv.pic import PORTS as PIC_PORTS
 from hvmport.hv.pic import Pic
+from hvmport.hv.platform import Platform
 
 DEBUGCON_PORT = 0xE9
 DEBUG_EXIT_PORT = 0xF4
@@ -52,7 +53,8 @@ class Emulator:
 
     def __init__(self, domain: Domain, console: BinaryIO | None,
                  waiter: Waiter | None = None, pic: Pic | None = None,
-                 domain_lock: threading.Lock | None = None) -> None:
+                 domain_lock: threading.Lock | None = None,
+                 platform: Platform | None = None) -> None:
         self.domain = domain
         self.console = console
         #: How a vCPU waits for a device model; None until a transport is attached.
@@ -64,6 +66,12 @@ class Emulator:
         # socket drives interrupt lines while it holds the domain lock.
         self.domain_lock = domain_lock or threading.Lock()
         self.pic_lock = threading.Lock()
+        #: The whole PC platform (PIC, PIT, RTC, 0xcf9) where the backend has no irqchip;
+        #: it brings its own PIC and lock.
+        self.platform = platform
+        if platform is not None:
+            self.pic = platform.pic
+            self.pic_lock = platform.lock
 
     def port_io(self, ctx: VcpuContext, access: PortAccess) -> bytes | None:
         port = access.port
@@ -80,6 +88,8 @@ class Emulator:
                 value = int.from_bytes(access.data[: access.size], "little")
                 raise VcpuStop((value << 1) | 1, f"isa-debug-exit wrote {value:#x}")
             return bytes(access.size * access.count)
+        if self.platform is not None and self.platform.claims(port, access.size):
+            return self._platform(access)
         if self.pic is not None and port in PIC_PORTS:
             return self._pic(access)
         if access.string:
@@ -97,6 +107,18 @@ class Emulator:
                 else:
                     out += self.pic.port_read(access.port).to_bytes(1, "little")
                     out += b"\xff" * (access.size - 1)
+        return None if access.is_write else bytes(out)
+
+    def _platform(self, access: PortAccess) -> bytes | None:
+        assert self.platform is not None
+        out = bytearray()
+        for i in range(access.count):
+            # Byte-wide registers: a wider access reaches the low byte's port only.
+            if access.is_write:
+                self.platform.write(access.port, access.data[i * access.size])
+            else:
+                out.append(self.platform.read(access.port))
+                out += b"\xff" * (access.size - 1)
         return None if access.is_write else bytes(out)
 
     def set_irq(self, irq: int, level: int) -> None:

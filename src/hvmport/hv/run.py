@@ -33,7 +33,7 @@ from hvmport.hv.evtchn import Channel
 from hvmport.hv.launch import DeviceModelProcess
 from hvmport.hv.lifecycle import Ending, EndRequest, Lifecycle
 from hvmport.hv.memory import GuestMemory, check_memory_mib
-from hvmport.hv.pic import Pic
+from hvmport.hv.platform import Platform
 from hvmport.hv.shmem import MemfdPages
 from hvmport.hv.wait import DeviceModelWaiter
 
@@ -191,8 +191,12 @@ def run(config: RunConfig, clock: Clock | None = None) -> RunResult:
         # Interrupt lines go to the in-kernel irqchip where the backend has one, else to
         # the hypervisor's own PIC model.
         kernel_irq = _irq_sink(vm)
-        emulator = emulate.Emulator(domain, config.console, waiter,
-                                    pic=None if kernel_irq else Pic(), domain_lock=lock)
+        # Without an in-kernel irqchip the hypervisor is the PC platform (PIC, PIT, RTC,
+        # reset control); a reset through 0xcf9 ends the run as a reboot.
+        platform = None if kernel_irq else Platform(
+            lambda reason, who: lifecycle.shutdown(reason, who))
+        emulator = emulate.Emulator(domain, config.console, waiter, domain_lock=lock,
+                                    platform=platform)
         irq_sink = kernel_irq or emulator.set_irq
         if config.device_model:
             control = ControlServer(config.control_path or os.path.join(rundir, "control"),
