@@ -69,6 +69,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
            for ports in args.secondary_dm],
         spin_us=args.spin_us, dm_timeout=args.dm_timeout,
         dm_program=shlex.split(args.dm_program) if args.dm_program else None,
+        full_cpu=args.full_cpu,
     )
     try:
         result = run(config)
@@ -191,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "(default 10)")
     run.add_argument("--spin-us", type=float, default=100.0, metavar="US",
                      help="spin on a forwarded request this long before blocking (default 100)")
+    run.add_argument("--full-cpu", action=argparse.BooleanOptionalAction, default=None,
+                     help="Unicorn as a full PC CPU: interrupts, exceptions through the "
+                     "guest's IDT, SYSCALL (default: on for Linux kernels)")
     run.set_defaults(func=_cmd_run)
 
     bench = sub.add_parser(

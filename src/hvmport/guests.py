@@ -86,6 +86,8 @@ GUESTS: dict[str, Guest] = {
         Guest("cpl3", "backdoor calls from ring 3 (IOPL 0)", ("multiboot", "flat32")),
         Guest("smp", "per-vCPU backdoor calls for --smp-entry (ESI = vCPU id, EDI = count)",
               ("flat32", "flat64")),
+        Guest("fullcpu", "exceptions, interrupts, HLT, SYSCALL and ring 3 through the guest's "
+              "own IDT, GDT and TSS (Unicorn's full-CPU mode)", ("flat64",)),
         Guest("vmmouse", "device-model commands and the whole vmmouse sequence; "
               "'pointer=N' waits for N host pointer packets", ("multiboot", "flat32")),
     )

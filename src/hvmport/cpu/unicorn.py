@@ -55,7 +55,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, cast
 
 from unicorn import unicorn_const as ucc
 from unicorn import x86_const as x86
@@ -80,6 +80,7 @@ from hvmport.cpu.base import (
     VcpuStop,
     VmConfig,
 )
+from hvmport.cpu.uc_fullcpu import FullCpu, InterruptSource, TripleFault
 from hvmport.errors import HostError
 from hvmport.hv.memory import PAGE, GuestMemory
 
@@ -696,6 +697,10 @@ class UnicornVcpu:
         self._closed = False
 
         self._load_values(start_regs)
+        #: Full-CPU mode (interrupts, exceptions through the IDT, SYSCALL, counted slices).
+        self._full: FullCpu | None = None
+        if vm.config.interrupts is not None:
+            self._full = FullCpu(self, uc, cast(InterruptSource, vm.config.interrupts))
 
     # -- VcpuContext ---------------------------------------------------------------------
 
@@ -780,6 +785,8 @@ class UnicornVcpu:
         self._handler = handler
         try:
             self._uc.ctl_flush_tb()  # code others wrote since the last run (module notes)
+            if self._full is not None:
+                return self._run_full(self._full)
             while True:
                 if self._final is not None:
                     return Exit(self._final.kind, self._final.reason, self._final.status)
@@ -842,7 +849,11 @@ class UnicornVcpu:
             if self._closed:
                 return
             self._kick.set()
-            if self._running:
+            if self._full is not None:
+                # Never stop a full-CPU slice from another thread (it corrupts the guest);
+                # the slice ends within a millisecond, a halted vCPU wakes up now.
+                self._full.wakeup.set()
+            elif self._running:
                 self._uc.emu_stop()
                 self._rekick_later(self._run_gen, 0.001)
 
@@ -1066,6 +1077,9 @@ class UnicornVcpu:
     def _hook_syscall(self, _uc: Any, _ud: Any) -> None:
         if self._stopping:
             return
+        if self._full is not None:
+            self._full.on_syscall()
+            return
         rip = self._read_rip()
         self._finish(Exit(ExitKind.ERROR,
                           f"SYSCALL/SYSENTER near rip {rip:#x}: Unicorn 2.1.4 does not execute "
@@ -1074,9 +1088,15 @@ class UnicornVcpu:
     def _hook_intr(self, _uc: Any, vector: int, _ud: Any) -> None:
         if self._stopping:
             return
+        if self._full is not None:
+            self._full.on_exception(vector)
+            return
         self._finish(self._exception_exit(vector, self._read_rip()))
 
     def _hook_invalid(self, _uc: Any, _ud: Any) -> bool:
+        if self._full is not None and not self._stopping:
+            self._full.on_exception(6)  # #UD through the guest's IDT
+            return True
         if not self._stopping:
             rip = self._read_rip()
             exit_ = self._exception_exit(6, rip)
@@ -1183,6 +1203,68 @@ class UnicornVcpu:
             self._kick.clear()
             return Exit(ExitKind.KICKED, "kicked")
         return self._halt_exit()
+
+    def _run_full(self, full: FullCpu) -> Exit:
+        """The run loop of full-CPU mode: counted slices, interrupts between them."""
+        uc = self._uc
+        while True:
+            if self._final is not None:
+                return Exit(self._final.kind, self._final.reason, self._final.status)
+            if self._batch is not None:
+                self._resync_batch()
+            if full.halted and not full.wait_for_interrupt(self._kick):
+                self._kick.clear()
+                return Exit(ExitKind.KICKED, "kicked while halted")
+            try:
+                full.deliver_interrupt()
+            except TripleFault as e:
+                return self._shutdown(str(e))
+            if full.halted:
+                continue
+            rip = self._read_rip()
+            with self._lock:
+                if self._kick.is_set():
+                    self._kick.clear()
+                    return Exit(ExitKind.KICKED, "kicked")
+                self._running = True
+                self._run_gen += 1
+            error: UcError | None = None
+            try:
+                uc.emu_start(rip, 0, 0, full.slice_count())
+            except UcError as e:
+                error = e
+            finally:
+                with self._lock:
+                    self._running = False
+            self._stopping = False
+            if full.event is not None and self._final is None and self._failure is None \
+                    and self._deferred is None:
+                try:
+                    full.apply_event()
+                except TripleFault as e:
+                    return self._shutdown(str(e))
+                continue
+            full.event = None
+            if self._final is not None or self._failure is not None \
+                    or self._deferred is not None or error is not None:
+                outcome = self._settle(error)
+                if outcome is not None:
+                    return outcome
+                continue
+            if self._kick.is_set():
+                self._kick.clear()
+                return Exit(ExitKind.KICKED, "kicked")
+            rip = self._read_rip()
+            if full.check_halt(rip):
+                if int(uc.reg_read(x86.UC_X86_REG_RFLAGS)) & _RFLAGS_IF:
+                    full.halted = True
+                    continue
+                return Exit(ExitKind.HALTED, f"hlt at rip {rip - 1:#x} with interrupts "
+                                             f"disabled")
+
+    def _shutdown(self, why: str) -> Exit:
+        self._final = Exit(ExitKind.SHUTDOWN, f"triple fault: {why}")
+        return Exit(self._final.kind, self._final.reason)
 
     def _halt_exit(self) -> Exit | None:
         rip = self._read_rip()

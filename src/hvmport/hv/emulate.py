@@ -123,6 +123,9 @@ class Emulator:
 
     def set_irq(self, irq: int, level: int) -> None:
         """An ISA interrupt line from a device model, into the hypervisor's PIC."""
+        if self.platform is not None:
+            self.platform.set_irq(irq, level)  # also wakes a halted full-CPU vCPU
+            return
         if self.pic is not None:
             with self.pic_lock:
                 self.pic.set_irq(irq, level)

@@ -39,6 +39,7 @@ class Platform:
         self.rtc = Rtc(wall_ns)
         self.shutdown = shutdown
         self.reset_control = 0
+        self._listeners: list[Callable[[], None]] = []
         self.byte_ports = frozenset((*pic_mod.PORTS, *pit_mod.PORTS, *rtc_mod.PORTS,
                                      RESET_CONTROL))
 
@@ -78,6 +79,12 @@ class Platform:
     def set_irq(self, irq: int, level: int) -> None:
         with self.lock:
             self.pic.set_irq(irq, level)
+        for wake in self._listeners:
+            wake()
+
+    def add_listener(self, wake: Callable[[], None]) -> None:
+        """Call ``wake()`` after every change of an interrupt line (a halted CPU waits)."""
+        self._listeners.append(wake)
 
     def poll(self) -> int | None:
         """Bring the timer up to date; the vector the PIC would deliver now, if any."""

@@ -96,6 +96,10 @@ class RunConfig:
     dm_pass_fds: tuple[int, ...] = ()
     #: Called with the device models' pids once they are ready.
     on_started: Callable[[list[int]], None] = field(default=lambda pids: None)
+    #: Unicorn as a full PC CPU (interrupts, exceptions through the guest's IDT, SYSCALL;
+    #: hvmport.cpu.uc_fullcpu). None: on for Linux kernels, off for other guests, whose
+    #: exceptions then end the run. KVM is always a full CPU.
+    full_cpu: bool | None = None
 
 
 @dataclass(slots=True)
@@ -120,6 +124,15 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(f"{config.image.path}: no such file")
 
 
+def _is_linux(image: Image) -> bool:
+    from hvmport.hv import linuxboot
+
+    if image.flat_mode is not None:
+        return False
+    with image.path.open("rb") as f:
+        return linuxboot.is_linux_image(f.read(0x300))
+
+
 def _load(config: RunConfig, memory: GuestMemory) -> StartState:
     from hvmport.hv import loader
 
@@ -127,9 +140,7 @@ def _load(config: RunConfig, memory: GuestMemory) -> StartState:
     if image.flat_mode is None:
         from hvmport.hv import linuxboot
 
-        with image.path.open("rb") as f:
-            head = f.read(0x300)
-        if linuxboot.is_linux_image(head):
+        if _is_linux(image):
             return linuxboot.load_linux(image.path, memory, image.cmdline, image.ramdisk)
         if image.ramdisk is not None:
             raise ConfigError("a ramdisk needs a Linux kernel (bzImage or vmlinux)",
@@ -163,7 +174,13 @@ def run(config: RunConfig, clock: Clock | None = None) -> RunResult:
             contextlib.ExitStack() as stack:
         start = _load(config, memory)
         cpuid: dict[tuple[int, int], tuple[int, int, int, int]] = {}
-        vm = backend.create_vm(VmConfig(memory, config.vcpus, cpuid, hypervisor_bit=True))
+        # Without an in-kernel irqchip the hypervisor is the PC platform (PIC, PIT, RTC,
+        # reset control); a reset through 0xcf9 ends the run as a reboot.
+        platform = Platform(lambda reason, who: lifecycle.shutdown(reason, who))
+        full_cpu = config.full_cpu if config.full_cpu is not None else _is_linux(config.image)
+        vm = backend.create_vm(VmConfig(
+            memory, config.vcpus, cpuid, hypervisor_bit=True,
+            interrupts=platform if full_cpu and backend.name == "unicorn" else None))
         stack.callback(vm.close)
         tsc_khz = vm.tsc_khz
         # The leaves need the TSC frequency, which only the VM knows; vCPUs created below
@@ -191,12 +208,8 @@ def run(config: RunConfig, clock: Clock | None = None) -> RunResult:
         # Interrupt lines go to the in-kernel irqchip where the backend has one, else to
         # the hypervisor's own PIC model.
         kernel_irq = _irq_sink(vm)
-        # Without an in-kernel irqchip the hypervisor is the PC platform (PIC, PIT, RTC,
-        # reset control); a reset through 0xcf9 ends the run as a reboot.
-        platform = None if kernel_irq else Platform(
-            lambda reason, who: lifecycle.shutdown(reason, who))
         emulator = emulate.Emulator(domain, config.console, waiter, domain_lock=lock,
-                                    platform=platform)
+                                    platform=None if kernel_irq else platform)
         irq_sink = kernel_irq or emulator.set_irq
         if config.device_model:
             control = ControlServer(config.control_path or os.path.join(rundir, "control"),
