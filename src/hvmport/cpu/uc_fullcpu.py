@@ -36,6 +36,7 @@ hypervisor's PIC/PIT platform); hvmport uses it for Linux guests. Then:
 
 from __future__ import annotations
 
+import ctypes
 import struct
 import threading
 import time
@@ -45,15 +46,16 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 from unicorn import unicorn_const as ucc
 from unicorn import x86_const as x86
 
-from hvmport.cpu import uc_internals
+from hvmport.cpu import uc_internals, uc_slicer
+from hvmport.errors import HostError
 
 if TYPE_CHECKING:
     from hvmport.cpu.unicorn import UnicornVcpu
 
-#: Instructions per slice; about a millisecond at Unicorn's counted speed.
-SLICE: Final = 100_000
+#: Translation blocks per slice (about 100,000 instructions, a millisecond or two).
+SLICE_BLOCKS: Final = 25_000
 #: A slice while an interrupt waits for IF (or the shadow) to open: deliver it promptly.
-SHORT_SLICE: Final = 2_000
+SHORT_SLICE_BLOCKS: Final = 500
 #: Longest sleep of a halted vCPU without a timer deadline (device-model lines wake it).
 IDLE_WAIT_S: Final = 0.05
 #: At most this many suspected HLT sites get a code hook.
@@ -120,7 +122,18 @@ class FullCpu:
         self.event: Event | None = None
         self.halted = False
         self.wakeup = threading.Event()
-        interrupts.add_listener(self.wakeup.set)
+        # The C block hook ends slices (uc_slicer); its state is shared memory.
+        self.slice = uc_slicer.Slice(0, 0, 0, uc_slicer.emu_stop_address())
+        handle = ctypes.c_size_t()
+        native = vcpu._native
+        err = native.hook_add(ctypes.c_void_p(uc._uch.value), ctypes.byref(handle),
+                              ctypes.c_int(ucc.UC_HOOK_BLOCK),
+                              ctypes.c_void_p(uc_slicer.hook_address()),
+                              ctypes.c_void_p(ctypes.addressof(self.slice)),
+                              ctypes.c_uint64(1), ctypes.c_uint64(0))
+        if err:
+            raise HostError(f"cannot add the slice hook to Unicorn (error {err})")
+        interrupts.add_listener(self.wake)
         self.stats = Stats()
         self._hlt_sites: dict[int, Any] = {}
         self._hlt_hit: int | None = None
@@ -140,10 +153,21 @@ class FullCpu:
 
     # -- between slices ---------------------------------------------------------------------
 
-    def slice_count(self) -> int:
+    def wake(self) -> None:
+        """From any thread: end the running slice at its next block, wake a halted CPU."""
+        self.slice.stop = 1
+        self.wakeup.set()
+
+    def begin_iteration(self) -> None:
+        """Before looking for interrupts: a wake-up after this ends the next slice."""
+        self.slice.stop = 0
+
+    def start_slice(self) -> None:
         self.stats.slices += 1
         self._hlt_hit = None
-        return SHORT_SLICE if self.interrupts.poll() is not None else SLICE
+        self.slice.fired = 0
+        pending = self.interrupts.poll() is not None
+        self.slice.left = SHORT_SLICE_BLOCKS if pending else SLICE_BLOCKS
 
     def apply_event(self) -> None:
         """Deliver what a hook saw. Raises TripleFault if the guest cannot take it."""
@@ -175,8 +199,12 @@ class FullCpu:
         return True
 
     def check_halt(self, rip: int) -> bool:
-        """After a slice that ended on its own: was it a HLT at rip - 1?"""
+        """After a slice that no hook of ours ended: was it a HLT at rip - 1?"""
         site = (rip - 1) & _U64
+        if not self.slice.fired:
+            # Nothing but HLT ends emu_start without a hook saying so.
+            self.stats.halts += 1
+            return True
         if self._hlt_hit == site:
             self.stats.halts += 1
             return True

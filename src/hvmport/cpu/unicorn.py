@@ -563,18 +563,27 @@ class UnicornVm:
         self._leaf1 = _native_leaf1()
         self._cpuid: dict[tuple[int, int], tuple[int, int, int, int]] = {}
         self._indexed = set(_INDEXED_LEAVES)
-        for (leaf, sub), regs in config.cpuid.items():
-            if len(regs) != 4:
-                raise ValueError(f"CPUID entry {leaf:#x}.{sub:#x} must have 4 registers")
-            self._cpuid[(leaf & 0xFFFFFFFF, sub & 0xFFFFFFFF)] = (
-                regs[0] & 0xFFFFFFFF, regs[1] & 0xFFFFFFFF,
-                regs[2] & 0xFFFFFFFF, regs[3] & 0xFFFFFFFF)
-            if sub:
-                self._indexed.add(leaf)
+        self._load_cpuid()
         self._vcpus: dict[int, UnicornVcpu] = {}
         self._lock = threading.Lock()
         self._closed = False
         self.turn: _Turn | None = _Turn() if config.vcpus > 1 else None
+
+    def _load_cpuid(self) -> None:
+        """Take the table as it is now. The hypervisor fills in the VMware leaves after
+        creating the VM (they need its TSC frequency), so vCPU creation reads it again,
+        as KVM's KVM_SET_CPUID2 at vCPU creation does."""
+        table: dict[tuple[int, int], tuple[int, int, int, int]] = {}
+        indexed = set(_INDEXED_LEAVES)
+        for (leaf, sub), regs in self.config.cpuid.items():
+            if len(regs) != 4:
+                raise ValueError(f"CPUID entry {leaf:#x}.{sub:#x} must have 4 registers")
+            table[(leaf & 0xFFFFFFFF, sub & 0xFFFFFFFF)] = (
+                regs[0] & 0xFFFFFFFF, regs[1] & 0xFFFFFFFF,
+                regs[2] & 0xFFFFFFFF, regs[3] & 0xFFFFFFFF)
+            if sub:
+                indexed.add(leaf)
+        self._cpuid, self._indexed = table, indexed
 
     @property
     def backend_name(self) -> str:
@@ -592,6 +601,7 @@ class UnicornVm:
                 raise ValueError(f"vcpu_id {vcpu_id} outside 0..{self.config.vcpus - 1}")
             if vcpu_id in self._vcpus:
                 raise ValueError(f"vCPU {vcpu_id} already exists")
+            self._load_cpuid()
             vcpu = UnicornVcpu(self, vcpu_id, start)
             self._vcpus[vcpu_id] = vcpu
             return vcpu
@@ -850,9 +860,9 @@ class UnicornVcpu:
                 return
             self._kick.set()
             if self._full is not None:
-                # Never stop a full-CPU slice from another thread (it corrupts the guest);
-                # the slice ends within a millisecond, a halted vCPU wakes up now.
-                self._full.wakeup.set()
+                # Never uc_emu_stop a full-CPU slice from another thread (it corrupts the
+                # guest): the slice hook ends it at its next block.
+                self._full.wake()
             elif self._running:
                 self._uc.emu_stop()
                 self._rekick_later(self._run_gen, 0.001)
@@ -1212,6 +1222,7 @@ class UnicornVcpu:
                 return Exit(self._final.kind, self._final.reason, self._final.status)
             if self._batch is not None:
                 self._resync_batch()
+            full.begin_iteration()
             if full.halted and not full.wait_for_interrupt(self._kick):
                 self._kick.clear()
                 return Exit(ExitKind.KICKED, "kicked while halted")
@@ -1229,8 +1240,9 @@ class UnicornVcpu:
                 self._running = True
                 self._run_gen += 1
             error: UcError | None = None
+            full.start_slice()
             try:
-                uc.emu_start(rip, 0, 0, full.slice_count())
+                uc.emu_start(rip, 0)
             except UcError as e:
                 error = e
             finally:
