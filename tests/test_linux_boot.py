@@ -42,3 +42,54 @@ def test_stock_kernel_boots_to_busybox_and_sees_vmware(tmp_path: Path) -> None:
     timer = [line for line in out.splitlines() if line.startswith("hvmport-irq: 0:")]
     assert timer and "XT-PIC" in timer[0] and int(timer[0].split()[2]) > 100
     print(f"boot to power-off: {seconds:.1f} s")
+
+
+def test_qmp_pointer_events_reach_the_guest_evdev_device(tmp_path: Path) -> None:
+    """input-send-event through the real qemu.qmp client -> the device model's vmmouse ->
+    IRQ 12 -> Linux's psmouse/vmmouse driver draining the queue through the backdoor ->
+    /dev/input/eventN, read back by /init."""
+    import subprocess
+    import sys
+
+    from qemu.qmp.legacy import QEMUMonitorProtocol
+
+    guest = linux_guest()
+    sock = tmp_path / "qmp.sock"
+    cmd = [sys.executable, "-m", "hvmport.cli", "run", "--backend", "unicorn",
+           "--memory", "256", "--kernel", str(guest.vmlinux), "--ramdisk", str(guest.initrd),
+           "--cmdline", guest.cmdline + " hvmport.events=6", "--qmp", str(sock),
+           "--debugcon", str(tmp_path / "debugcon.txt"), "--timeout", "240"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    lines: list[str] = []
+    try:
+        for line in proc.stdout:
+            lines.append(line.rstrip("\n"))
+            if line.startswith("hvmport-init: reading 6 events from /dev/input/event"):
+                break
+        else:
+            raise AssertionError("\n".join(lines[-30:]))
+        qmp = QEMUMonitorProtocol(str(sock))
+        qmp.connect()
+        for x, y in ((0x4000, 0x2000), (0x1000, 0x7000)):
+            reply = qmp.cmd_raw("input-send-event", {"events": [
+                {"type": "abs", "data": {"axis": "x", "value": x}},
+                {"type": "abs", "data": {"axis": "y", "value": y}}]})
+            assert reply == {"return": {}}, reply
+            time.sleep(0.5)
+        qmp.close()
+        for line in proc.stdout:
+            lines.append(line.rstrip("\n"))
+            if line.startswith("hvmport-init: power off"):
+                break
+        status = proc.wait(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    events = [tuple(int(v) for v in line.split()[1:]) for line in lines
+              if line.startswith("hvmport-event: ")]
+    EV_SYN, EV_ABS, ABS_X, ABS_Y = 0, 3, 0, 1
+    # The vmmouse protocol doubles QMP's 0..0x7fff range to 0..0xffff, as QEMU does.
+    assert events == [(EV_ABS, ABS_X, 0x8000), (EV_ABS, ABS_Y, 0x4000), (EV_SYN, 0, 0),
+                      (EV_ABS, ABS_X, 0x2000), (EV_ABS, ABS_Y, 0xE000), (EV_SYN, 0, 0)], lines
+    assert status == 0

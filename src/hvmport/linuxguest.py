@@ -10,7 +10,9 @@ versions and this recipe, so a second call costs nothing; the directory appears 
 
 ``/init`` mounts /proc, /sys and devtmpfs, loads the modules, prints what the tests check as
 lines starting ``hvmport-init:`` on the console, and powers off. With ``hvmport.shell=1``
-on the kernel command line it starts an interactive shell on the console instead. Busybox
+on the kernel command line it starts an interactive shell on the console instead; with
+``hvmport.events=N`` it reads N input events from the vmmouse driver's absolute device and
+prints each as ``hvmport-event: TYPE CODE VALUE``. Busybox
 applets are found through ``/bin/busybox --install -s``.
 """
 
@@ -34,7 +36,7 @@ from hvmport.errors import HostError
 KERNEL_META_PACKAGE = "linux-image-amd64"
 BUSYBOX_PACKAGE = "busybox-static"
 #: Bump when the initramfs layout or /init changes, so cached guests are rebuilt.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 #: Modules (paths under lib/modules/<release>/kernel/) that /init loads, in order.
 MODULES = ("drivers/input/evdev.ko", "drivers/input/mouse/psmouse.ko")
 
@@ -48,7 +50,7 @@ CMDLINE = (
     "nokaslr no_timer_check tsc=reliable rdinit=/init panic=-1 cryptomgr.notests quiet"
 )
 
-INIT_SCRIPT = """#!/bin/busybox sh
+INIT_SCRIPT = r"""#!/bin/busybox sh
 /bin/busybox --install -s /bin
 export PATH=/bin
 mount -t proc proc /proc
@@ -64,11 +66,24 @@ while [ $i -lt 30 ] && ! grep -q 'Mouse' /proc/bus/input/devices; do
     sleep 0.1
     i=$((i + 1))
 done
+events=$(sed -n 's/.*hvmport\.events=\([0-9]*\).*/\1/p' /proc/cmdline)
 if grep -q 'hvmport.shell=1' /proc/cmdline; then
     echo "hvmport-init: shell"
     setsid cttyhack sh
+elif [ -n "$events" ]; then
+    # The vmmouse driver's absolute device is the VMMouse entry with ABS bits.
+    dev=$(awk '/^N:/ {name = $0} /^H:/ {h = $0}
+               /^B: ABS=/ && name ~ /VMMouse/ {match(h, /event[0-9]+/);
+                                               print substr(h, RSTART, RLENGTH); exit}' \
+          /proc/bus/input/devices)
+    # Open the device before saying so: evdev gives a reader only events after its open.
+    exec 3< "/dev/input/$dev"
+    echo "hvmport-init: reading $events events from /dev/input/$dev"
+    # struct input_event: 16 bytes of time, then type (u16), code (u16), value (s32).
+    dd bs=24 count="$events" <&3 2>/dev/null | od -A n -v -t d4 -w24 \
+        | awk '{print "hvmport-event:", $5 % 65536, int($5 / 65536), $6}'
 else
-    dmesg | grep -E 'Hypervisor detected|vmware|VMware|input:|steal' \\
+    dmesg | grep -E 'Hypervisor detected|vmware|VMware|input:|steal' \
         | sed 's/^/hvmport-dmesg: /'
     echo "hvmport-init: sum $((6 * 7))"
     grep -E 'timer|serial' /proc/interrupts | sed 's/^ */hvmport-irq: /'
