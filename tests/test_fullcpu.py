@@ -58,3 +58,10 @@ def test_probe_refuses_another_unicorn(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(unicorn, "__version__", "2.1.3")
     with pytest.raises(HostError, match=r"not 2\.1\.4"):
         uc_internals._probe()
+
+
+def test_full_cpu_mode_runs_one_vcpu(tmp_path: Path) -> None:
+    run = hvmport_run(tmp_path, "--backend", "unicorn", "--kernel", guest("fullcpu", "flat64"),
+                      "--mode", "64", "--full-cpu", "--vcpus", "2", "--no-device-model")
+    assert run.status == 2
+    assert "full-CPU mode (Linux kernels, --full-cpu) runs one vCPU" in run.stderr

@@ -178,6 +178,10 @@ def run(config: RunConfig, clock: Clock | None = None) -> RunResult:
         # reset control); a reset through 0xcf9 ends the run as a reboot.
         platform = Platform(lambda reason, who: lifecycle.shutdown(reason, who))
         full_cpu = config.full_cpu if config.full_cpu is not None else _is_linux(config.image)
+        if full_cpu and backend.name == "unicorn" and config.vcpus > 1:
+            # Interrupts go to whichever vCPU looks first; a PC needs an APIC to route them.
+            raise ConfigError(f"vcpus={config.vcpus}: Unicorn's full-CPU mode (Linux "
+                              "kernels, --full-cpu) runs one vCPU")
         vm = backend.create_vm(VmConfig(
             memory, config.vcpus, cpuid, hypervisor_bit=True,
             interrupts=platform if full_cpu and backend.name == "unicorn" else None))
