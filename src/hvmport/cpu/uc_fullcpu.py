@@ -3,10 +3,10 @@
 The unicorn backend runs in *full-CPU mode* when its VM is given an interrupt source (the
 hypervisor's PIC/PIT platform); hvmport uses it for Linux guests. Then:
 
-* **Hardware interrupts** are delivered through the guest's IDT between slices of at most
-  ``SLICE`` instructions (``emu_start(count=...)``): when the PIC has a request and
-  RFLAGS.IF is set and no STI/MOV SS shadow is active (QEMU's HF_INHIBIT_IRQ, read from the
-  CPU context), the vector is acknowledged and delivered.
+* **Hardware interrupts** are delivered through the guest's IDT between slices of about
+  ``SLICE_BLOCKS`` translation blocks, which a C block hook ends (:mod:`uc_slicer`): when
+  the PIC has a request and RFLAGS.IF is set and no STI/MOV SS shadow is active (QEMU's
+  HF_INHIBIT_IRQ, read from the CPU context), the vector is acknowledged and delivered.
 * **Exceptions and INT n** reach ``UC_HOOK_INTR`` (and #UD ``UC_HOOK_INSN_INVALID``), never
   the guest IDT. The hook stops the slice; the exception is then delivered through the IDT
   with the error code QEMU computed (read from the context, so #PF's P/W/U/I bits are
@@ -22,16 +22,17 @@ hypervisor's PIC/PIT platform); hvmport uses it for Linux guests. Then:
   SWAPGS are native.
 * **CPL** changes into the kernel go through :class:`~hvmport.cpu.uc_internals.ContextPatcher`
   (a 64-bit CS write changes only the selector).
-* **HLT** ends ``emu_start`` with RIP after it and no trace; a count slice ending after an
-  instruction whose last byte is 0xF4 looks the same. So a suspected HLT site gets a
-  one-address code hook: the hook fires only if an instruction starts there, and an
-  instruction starting with byte 0xF4 is HLT. The first time a site is seen the guest just
-  continues (a spurious wake-up, which every idle loop tolerates); from then on a HLT there
-  is known exactly. Halted with IF set, the vCPU sleeps until the PIC has a request (the
-  PIT's next deadline, or a device model's interrupt line, wakes it).
+* **HLT** ends ``emu_start`` with RIP after it and no trace, so a return that the slice
+  hook did not cause is a HLT. When the slice hook did fire, a HLT may still have ended
+  the block it let run on; then a suspected HLT site (RIP - 1 holds 0xF4) gets a
+  one-address code hook: it fires only if an instruction starts there, and an instruction
+  starting with byte 0xF4 is HLT. The first time a site is seen the guest just continues
+  (a spurious wake-up, which every idle loop tolerates); from then on a HLT there is known
+  exactly. Halted with IF set, the vCPU sleeps until the PIC has a request (the PIT's next
+  deadline, or a device model's interrupt line, wakes it).
 * **Stopping** from another thread (``uc_emu_stop``) is never used in this mode: the spike
-  found that it corrupts a running kernel. Slices end on their own, so a kick waits at most
-  one slice.
+  found that it corrupts a running kernel. A kick or an interrupt line sets the slice
+  hook's stop flag, and the vCPU's own thread stops at the next block.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import ctypes
 import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
@@ -84,7 +86,7 @@ class InterruptSource(Protocol):
         """When (monotonic ns) a timer will next raise a request, if it will."""
         ...
 
-    def add_listener(self, wake: Any) -> None:
+    def add_listener(self, wake: Callable[[], None]) -> None:
         """Call ``wake()`` whenever an interrupt line changes."""
         ...
 

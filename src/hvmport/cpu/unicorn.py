@@ -36,6 +36,9 @@ experiment; the reasons are given where they are handled:
   ``UC_HOOK_INSN_INVALID``; SYSCALL/SYSENTER only call their hooks and otherwise do nothing.
 * ``ctl_exits_enabled(True)`` with no exits keeps Unicorn from translating the ``until``
   address after every run (which faults into a stale jump buffer when it is unmapped).
+* Full-CPU mode (``VmConfig.interrupts`` given; Linux guests): interrupts and exceptions
+  through the guest's IDT, SYSCALL, CPL changes, HLT waiting for an interrupt, slices ended
+  by a C block hook instead of cross-thread stops; see ``hvmport.cpu.uc_fullcpu``.
 * Unicorn's TCG is single-CPU: a ``lock``-prefixed instruction is not atomic against
   another ``Uc`` running in parallel on the same memory (an SMP guest lost counter updates
   and hung). The vCPUs of a multi-vCPU VM therefore take turns (``_Turn``, FIFO): a vCPU
