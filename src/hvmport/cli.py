@@ -31,6 +31,7 @@ def _int(text: str) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    import os
     import shlex
     from pathlib import Path
 
@@ -56,6 +57,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     else:
         console_file = open(args.debugcon, "wb")  # noqa: SIM115 - closed below
         console = console_file
+    # --console-input: our stdin reaches the guest's UART (the device model reads a copy).
+    serial_in = os.dup(sys.stdin.fileno()) if args.console_input else None
     config = RunConfig(
         Image(kernel, mode, load_addr, args.cmdline,
               Path(args.ramdisk) if args.ramdisk else None), backend=args.backend,
@@ -64,18 +67,22 @@ def _cmd_run(args: argparse.Namespace) -> int:
         console=console, note=lambda text: print(f"hvmport: {text}", file=sys.stderr),
         device_model=args.vmware_port if args.device_model is None else args.device_model,
         dm_args=[["--serial", args.serial, *(["--qmp", args.qmp] if args.qmp else []),
+                   *([f"--serial-input=fd:{serial_in}"] if serial_in is not None else []),
                    *args.dm_arg]]
         + [["--disable-vmport", "--bufioreq", "off", "--serial", "none", "--ports", ports]
            for ports in args.secondary_dm],
         spin_us=args.spin_us, dm_timeout=args.dm_timeout,
         dm_program=shlex.split(args.dm_program) if args.dm_program else None,
         full_cpu=args.full_cpu,
+        dm_pass_fds=(serial_in,) if serial_in is not None else (),
     )
     try:
         result = run(config)
     finally:
         if console_file is not None:
             console_file.close()
+        if serial_in is not None:
+            os.close(serial_in)
     is_debug_exit = result.status & 1
     if result.status != emulate.STATUS_HALTED and not is_debug_exit:
         print(f"hvmport: {result.reason}", file=sys.stderr)
@@ -192,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "(default 10)")
     run.add_argument("--spin-us", type=float, default=100.0, metavar="US",
                      help="spin on a forwarded request this long before blocking (default 100)")
+    run.add_argument("--console-input", action="store_true",
+                     help="send what arrives on stdin to the guest's UART (0x3f8): an "
+                     "interactive serial console")
     run.add_argument("--full-cpu", action=argparse.BooleanOptionalAction, default=None,
                      help="Unicorn as a full PC CPU: interrupts, exceptions through the "
                      "guest's IDT, SYSCALL (default: on for Linux kernels)")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import functools
 import os
 import signal
 import sys
@@ -101,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="machine UUID for GETBIOSUUID")
     p.add_argument("--serial", default="-", metavar="-|none|FILE",
                    help="where the UART's output goes (default: stdout)")
+    p.add_argument("--serial-input", default="none", metavar="none|fd:N",
+                   help="bytes readable on this inherited descriptor arrive at the UART's "
+                   "receiver (an interactive serial console)")
     p.add_argument("--qmp", metavar="PATH", help="serve QMP on this Unix socket")
     p.add_argument("--spin-us", type=float, default=100.0,
                    help="spin on the slots this long after work before blocking")
@@ -121,6 +125,8 @@ class DeviceModelProcess:
         self.i8042: I8042 | None = None
         self._irq_levels: dict[int, int] = {}
         self._serial = self._open_serial(args.serial)
+        self.uart: Uart16550 | None = None
+        self._serial_in = self._input_fd(args.serial_input)
 
     # ------------------------------------------------------------------ devices
 
@@ -131,6 +137,30 @@ class DeviceModelProcess:
         if where == "-":
             return os.fdopen(os.dup(1), "wb", buffering=0)
         return open(where.removeprefix("file:"), "ab", buffering=0)
+
+    @staticmethod
+    def _input_fd(where: str) -> int | None:
+        if where == "none":
+            return None
+        if where.startswith("fd:") and where[3:].isdigit():
+            # Left blocking (the flag would be shared with the user's terminal): the loop
+            # reads only when select says the descriptor is readable.
+            return int(where[3:])
+        raise ConfigError(f"--serial-input {where!r}: use none or fd:N")
+
+    def _serial_input(self, loop: IoreqLoop) -> bool:
+        """Host bytes for the UART's receiver; at end of input, stop watching (the guest
+        keeps running)."""
+        assert self._serial_in is not None and self.uart is not None
+        try:
+            data = os.read(self._serial_in, 4096)
+        except OSError:
+            data = b""
+        if not data:
+            loop.watch.pop(self._serial_in, None)
+            return True
+        self.uart.feed(data)
+        return True
 
     def _serial_out(self, data: bytes) -> None:
         if self._serial is not None:
@@ -150,6 +180,7 @@ class DeviceModelProcess:
                 self.bus.register(first, last, i8042, "i8042")
                 ranges.append((first, last))
             self.bus.register(*COM1, uart, "uart")
+            self.uart = uart
             ranges.append(COM1)
             props = VmportProperties.from_qemu(
                 dict(self.args.vmport_prop), ram_size=ram_size,
@@ -215,6 +246,8 @@ class DeviceModelProcess:
             guest_memory=guest, vmport_types=vmport_types, spin_us=args.spin_us,
             add32=atomic.add32, watch={c.fileno(): self._hypervisor_gone},
         )
+        if self._serial_in is not None and self.uart is not None:
+            loop.watch[self._serial_in] = functools.partial(self._serial_input, loop)
         if args.qmp:
             self.qmp = QmpServer(args.qmp, Monitor(self.vmmouse, self.i8042).commands())
             loop.watch_providers.append(self.qmp.watch)
