@@ -38,8 +38,8 @@ def sources(tmp_path: Path) -> Path:
 
 
 def test_guest_list() -> None:
-    assert guests.available() == ["battery", "cpl3", "demo", "echo", "guestrpc", "rep_string",
-                                  "smp", "vmmouse"]
+    assert guests.available() == ["battery", "cpl3", "demo", "echo", "fullcpu", "guestrpc",
+                                  "rep_string", "smp", "vmmouse"]
     assert guests.variants("vmmouse") == ("multiboot", "flat32")
     assert guests.variants("battery") == ("multiboot", "flat16", "flat32", "flat64")
     assert guests.variants("cpl3") == ("multiboot", "flat32")

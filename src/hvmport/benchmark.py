@@ -98,6 +98,8 @@ class Results:
     scenarios: dict[str, Figure] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     writes_per_s: Figure | None = None
+    #: Seconds to the Linux guest's shell (bench_linux), by scenario.
+    boots: dict[str, Figure] = field(default_factory=dict)
 
     def ratios(self) -> dict[str, float]:
         pairs = {
@@ -113,12 +115,17 @@ class Results:
         for name, (a, b) in pairs.items():
             if a in self.scenarios and b in self.scenarios and self.scenarios[b].median > 0:
                 out[name] = round(self.scenarios[a].median / self.scenarios[b].median, 3)
+        a, b = "linux_boot_unicorn", "qemu_tcg_linux_boot"
+        if a in self.boots and b in self.boots and self.boots[b].median > 0:
+            out[f"{a}/{b}"] = round(self.boots[a].median / self.boots[b].median, 3)
         return out
 
     def as_json(self) -> dict[str, object]:
         scen: dict[str, object] = {k: v.as_json() for k, v in self.scenarios.items()}
         if self.writes_per_s is not None:
             scen["bufioreq_writes"] = self.writes_per_s.as_json("writes_per_s")
+        for name, fig in self.boots.items():
+            scen[name] = fig.as_json("seconds")
         return {"scenarios": scen, "ratios": self.ratios(), "skipped": self.skipped}
 
 
@@ -387,7 +394,33 @@ def run_benchmarks(quick: bool = False, progress: Callable[[str], None] = lambda
                                            for _ in range(reps)])
             except RuntimeError as e:
                 res.skipped["bufioreq_writes"] = f"failed: {e}"
+        _linux_boots(res, quick, progress, only)
     return res
+
+
+def _linux_boots(res: Results, quick: bool, progress: Callable[[str], None],
+                 only: set[str] | None) -> None:
+    from hvmport import bench_linux
+
+    names = {"linux_boot_unicorn", "qemu_tcg_linux_boot"}
+    if only is not None and not names & only:
+        return
+    plan, skip_all = bench_linux.scenarios()
+    if skip_all is not None:
+        res.skipped.update({n: skip_all for n in names if only is None or n in only})
+        return
+    reps = 1 if quick else 3
+    for name, measure, skip in plan:
+        if only is not None and name not in only:
+            continue
+        if skip is not None:
+            res.skipped[name] = skip
+            continue
+        progress(f"{name} ({reps} repetitions)")
+        try:
+            res.boots[name] = Figure([measure() for _ in range(reps)])
+        except RuntimeError as e:
+            res.skipped[name] = f"failed: {e}"
 
 
 def table(res: Results) -> str:
@@ -399,6 +432,9 @@ def table(res: Results) -> str:
         w = res.writes_per_s
         lines.append(f"{'bufioreq_writes':<22} {w.median:>10.0f} {min(w.samples):>10.0f} "
                      f"{max(w.samples):>10.0f}  writes/s")
+    for name, fig in res.boots.items():
+        lines.append(f"{name:<22} {fig.median:>10.2f} {min(fig.samples):>10.2f} "
+                     f"{max(fig.samples):>10.2f}  s to the shell")
     for name, why in res.skipped.items():
         lines.append(f"{name:<22} {'skipped':>10}  ({why})")
     lines.append("")

@@ -31,6 +31,7 @@ def _int(text: str) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    import os
     import shlex
     from pathlib import Path
 
@@ -59,8 +60,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     else:
         console_file = open(args.debugcon, "wb")  # noqa: SIM115 - closed below
         console = console_file
+    # --console-input: our stdin reaches the guest's UART (the device model reads a copy).
+    serial_in = os.dup(sys.stdin.fileno()) if args.console_input else None
     config = RunConfig(
-        Image(kernel, mode, load_addr, args.cmdline), backend=args.backend,
+        Image(kernel, mode, load_addr, args.cmdline,
+              Path(args.ramdisk) if args.ramdisk else None), backend=args.backend,
         memory_mib=args.memory, vcpus=args.vcpus, vmware_port=args.vmware_port,
         vmware_hwver=args.vmware_hwver, smp_entry=args.smp_entry, timeout=args.timeout,
         console=console, note=lambda text: print(f"hvmport: {text}", file=sys.stderr),
@@ -73,6 +77,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                      if args.vmware_version != 6 else []),
                    *([f"--vmport-prop=vmware-vmx-type={args.vmware_vmx_type}"]
                      if args.vmware_vmx_type != 2 else []),
+                   *([f"--serial-input=fd:{serial_in}"] if serial_in is not None else []),
                    *args.dm_arg]]
         + [["--disable-vmport", "--bufioreq", "off", "--serial", "none", "--ports", ports]
            for ports in args.secondary_dm],
@@ -81,12 +86,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
         trace=args.trace,
         program=program, vmware_port_ring3=args.vmware_port_ring3,
         vmware_version=args.vmware_version, vmware_vmx_type=args.vmware_vmx_type,
+        full_cpu=args.full_cpu,
+        dm_pass_fds=(serial_in,) if serial_in is not None else (),
     )
     try:
         result = run(config)
     finally:
         if console_file is not None:
             console_file.close()
+        if serial_in is not None:
+            os.close(serial_in)
     is_debug_exit = result.status & 1
     if program is not None:
         from hvmport.cpu.user import is_program_end
@@ -198,6 +207,8 @@ def _add_toolstack(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         p = sub.add_parser(verb, help=text, description=text[0].upper() + text[1:] + ".")
         p.add_argument("domain", metavar="DOMAIN", help="domain name or id")
         p.set_defaults(func=_cmd_domain)
+
+
 def _cmd_trace_summary(args: argparse.Namespace) -> int:
     from hvmport.trace import reader, summary
 
@@ -239,6 +250,26 @@ def _add_trace_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     export.set_defaults(func=_cmd_trace_export)
 
 
+def _cmd_guest(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from hvmport import linuxguest
+
+    progress = linuxguest.Progress(sys.stderr, quiet=args.json)
+    guest = linuxguest.build(Path(args.cache) if args.cache else None, progress)
+    if args.json:
+        json.dump(guest.as_json(), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(f"kernel   {guest.vmlinux}  ({guest.kernel_package} {guest.kernel_version})")
+        print(f"bzImage  {guest.bzimage}")
+        print(f"initrd   {guest.initrd}  (busybox-static {guest.busybox_version})")
+        print(f"cmdline  {guest.cmdline}")
+        print(f"run it:  hvmport run --backend unicorn --memory 256 --kernel {guest.vmlinux} "
+              f"--ramdisk {guest.initrd} --cmdline '{guest.cmdline}'")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hvmport",
@@ -262,13 +293,17 @@ def build_parser() -> argparse.ArgumentParser:
         "crashed, 124 on timeout. With --backend user it runs an unmodified Linux program "
         "(after --) instead, and exits with the program's status.")
     run.add_argument("--kernel", metavar="FILE",
-                     help="Multiboot v1 ELF kernel, or a flat binary with --mode")
+                     help="Multiboot v1 ELF kernel, Linux bzImage or vmlinux, or a flat "
+                     "binary with --mode")
     run.add_argument("--mode", type=int, choices=(16, 32, 64),
                      help="load --kernel as a flat binary starting in this CPU mode")
     run.add_argument("--load-addr", type=_int, metavar="ADDR",
                      help="physical load (and entry) address of a flat binary "
                      "(default 0x10000 in 16-bit mode, else 0x100000)")
-    run.add_argument("--cmdline", default="", help="Multiboot command line")
+    run.add_argument("--cmdline", default="", help="Multiboot or Linux command line")
+    run.add_argument("--ramdisk", metavar="FILE",
+                     help="initrd for a Linux --kernel (bzImage or vmlinux), or the one module "
+                     "of a Multiboot kernel")
     run.add_argument("--backend", default="auto", choices=("auto", "kvm", "unicorn", "user"),
                      help="CPU backend; auto picks KVM when /dev/kvm answers (default auto); "
                      "user runs an unmodified x86-64 Linux program (after --) natively under "
@@ -329,6 +364,12 @@ def build_parser() -> argparse.ArgumentParser:
                      "it gets SIGSEGV as on bare metal (default on)")
     run.add_argument("program", nargs=argparse.REMAINDER, metavar="-- PROGRAM [ARGS...]",
                      help="with --backend user: the program to run and its arguments")
+    run.add_argument("--console-input", action="store_true",
+                     help="send what arrives on stdin to the guest's UART (0x3f8): an "
+                     "interactive serial console")
+    run.add_argument("--full-cpu", action=argparse.BooleanOptionalAction, default=None,
+                     help="Unicorn as a full PC CPU: interrupts, exceptions through the "
+                     "guest's IDT, SYSCALL (default: on for Linux kernels)")
     run.set_defaults(func=_cmd_run)
 
     bench = sub.add_parser(
@@ -347,6 +388,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=_cmd_bench)
     _add_toolstack(sub)
     _add_trace_parser(sub)
+
+    guest = sub.add_parser("guest", help="build a test guest (linux: Debian kernel + busybox)",
+                           description="Build a test guest from distribution packages, cached.")
+    guest.add_argument("what", choices=("linux",),
+                       help="linux: Debian's stock kernel and a busybox-static initramfs "
+                       "with hvmport's /init, via apt-get download")
+    guest.add_argument("--cache", metavar="DIR",
+                       help="where built guests live (default ~/.cache/hvmport/linux)")
+    guest.add_argument("--json", action="store_true",
+                       help='print {"bzimage", "vmlinux", "initrd", "cmdline", ...}')
+    guest.set_defaults(func=_cmd_guest)
     return parser
 
 

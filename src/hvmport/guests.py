@@ -89,6 +89,8 @@ GUESTS: dict[str, Guest] = {
               ("flat32", "flat64")),
         Guest("guestrpc", "GuestRPC RPCs over the high-bandwidth port or 4-byte payloads, "
               "as open-vm-tools sends them", ("multiboot", "flat64")),
+        Guest("fullcpu", "exceptions, interrupts, HLT, SYSCALL and ring 3 through the guest's "
+              "own IDT, GDT and TSS (Unicorn's full-CPU mode)", ("flat64",)),
         Guest("vmmouse", "device-model commands and the whole vmmouse sequence; "
               "'pointer=N' waits for N host pointer packets", ("multiboot", "flat32")),
         Guest("echo", "the serial console both ways: echoes each byte typed on COM1, 'q' "

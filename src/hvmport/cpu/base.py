@@ -196,6 +196,10 @@ class VmConfig:
     cpuid: CpuidTable = field(default_factory=dict)
     #: CPUID.1:ECX bit 31, telling the guest it runs under a hypervisor.
     hypervisor_bit: bool = True
+    #: The platform's interrupt controller, for a backend that delivers interrupts itself
+    #: (Unicorn's full-CPU mode, hvmport.cpu.uc_fullcpu); None: the guest gets no
+    #: interrupts and every exception ends the run, as for hvmport's test guests.
+    interrupts: object | None = None
 
 
 class Vcpu(Protocol):

@@ -36,6 +36,9 @@ experiment; the reasons are given where they are handled:
   ``UC_HOOK_INSN_INVALID``; SYSCALL/SYSENTER only call their hooks and otherwise do nothing.
 * ``ctl_exits_enabled(True)`` with no exits keeps Unicorn from translating the ``until``
   address after every run (which faults into a stale jump buffer when it is unmapped).
+* Full-CPU mode (``VmConfig.interrupts`` given; Linux guests): interrupts and exceptions
+  through the guest's IDT, SYSCALL, CPL changes, HLT waiting for an interrupt, slices ended
+  by a C block hook instead of cross-thread stops; see ``hvmport.cpu.uc_fullcpu``.
 * Unicorn's TCG is single-CPU: a ``lock``-prefixed instruction is not atomic against
   another ``Uc`` running in parallel on the same memory (an SMP guest lost counter updates
   and hung). The vCPUs of a multi-vCPU VM therefore take turns (``_Turn``, FIFO): a vCPU
@@ -55,7 +58,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, cast
 
 from unicorn import unicorn_const as ucc
 from unicorn import x86_const as x86
@@ -80,6 +83,7 @@ from hvmport.cpu.base import (
     VcpuStop,
     VmConfig,
 )
+from hvmport.cpu.uc_fullcpu import FullCpu, InterruptSource, TripleFault
 from hvmport.errors import HostError
 from hvmport.hv.memory import PAGE, GuestMemory
 
@@ -562,18 +566,27 @@ class UnicornVm:
         self._leaf1 = _native_leaf1()
         self._cpuid: dict[tuple[int, int], tuple[int, int, int, int]] = {}
         self._indexed = set(_INDEXED_LEAVES)
-        for (leaf, sub), regs in config.cpuid.items():
-            if len(regs) != 4:
-                raise ValueError(f"CPUID entry {leaf:#x}.{sub:#x} must have 4 registers")
-            self._cpuid[(leaf & 0xFFFFFFFF, sub & 0xFFFFFFFF)] = (
-                regs[0] & 0xFFFFFFFF, regs[1] & 0xFFFFFFFF,
-                regs[2] & 0xFFFFFFFF, regs[3] & 0xFFFFFFFF)
-            if sub:
-                self._indexed.add(leaf)
+        self._load_cpuid()
         self._vcpus: dict[int, UnicornVcpu] = {}
         self._lock = threading.Lock()
         self._closed = False
         self.turn: _Turn | None = _Turn() if config.vcpus > 1 else None
+
+    def _load_cpuid(self) -> None:
+        """Take the table as it is now. The hypervisor fills in the VMware leaves after
+        creating the VM (they need its TSC frequency), so vCPU creation reads it again,
+        as KVM's KVM_SET_CPUID2 at vCPU creation does."""
+        table: dict[tuple[int, int], tuple[int, int, int, int]] = {}
+        indexed = set(_INDEXED_LEAVES)
+        for (leaf, sub), regs in self.config.cpuid.items():
+            if len(regs) != 4:
+                raise ValueError(f"CPUID entry {leaf:#x}.{sub:#x} must have 4 registers")
+            table[(leaf & 0xFFFFFFFF, sub & 0xFFFFFFFF)] = (
+                regs[0] & 0xFFFFFFFF, regs[1] & 0xFFFFFFFF,
+                regs[2] & 0xFFFFFFFF, regs[3] & 0xFFFFFFFF)
+            if sub:
+                indexed.add(leaf)
+        self._cpuid, self._indexed = table, indexed
 
     @property
     def backend_name(self) -> str:
@@ -591,6 +604,7 @@ class UnicornVm:
                 raise ValueError(f"vcpu_id {vcpu_id} outside 0..{self.config.vcpus - 1}")
             if vcpu_id in self._vcpus:
                 raise ValueError(f"vCPU {vcpu_id} already exists")
+            self._load_cpuid()
             vcpu = UnicornVcpu(self, vcpu_id, start)
             self._vcpus[vcpu_id] = vcpu
             return vcpu
@@ -696,6 +710,10 @@ class UnicornVcpu:
         self._closed = False
 
         self._load_values(start_regs)
+        #: Full-CPU mode (interrupts, exceptions through the IDT, SYSCALL, counted slices).
+        self._full: FullCpu | None = None
+        if vm.config.interrupts is not None:
+            self._full = FullCpu(self, uc, cast(InterruptSource, vm.config.interrupts))
 
     # -- VcpuContext ---------------------------------------------------------------------
 
@@ -780,6 +798,8 @@ class UnicornVcpu:
         self._handler = handler
         try:
             self._uc.ctl_flush_tb()  # code others wrote since the last run (module notes)
+            if self._full is not None:
+                return self._run_full(self._full)
             while True:
                 if self._final is not None:
                     return Exit(self._final.kind, self._final.reason, self._final.status)
@@ -842,7 +862,11 @@ class UnicornVcpu:
             if self._closed:
                 return
             self._kick.set()
-            if self._running:
+            if self._full is not None:
+                # Never uc_emu_stop a full-CPU slice from another thread (it corrupts the
+                # guest): the slice hook ends it at its next block.
+                self._full.wake()
+            elif self._running:
                 self._uc.emu_stop()
                 self._rekick_later(self._run_gen, 0.001)
 
@@ -1066,6 +1090,9 @@ class UnicornVcpu:
     def _hook_syscall(self, _uc: Any, _ud: Any) -> None:
         if self._stopping:
             return
+        if self._full is not None:
+            self._full.on_syscall()
+            return
         rip = self._read_rip()
         self._finish(Exit(ExitKind.ERROR,
                           f"SYSCALL/SYSENTER near rip {rip:#x}: Unicorn 2.1.4 does not execute "
@@ -1074,9 +1101,15 @@ class UnicornVcpu:
     def _hook_intr(self, _uc: Any, vector: int, _ud: Any) -> None:
         if self._stopping:
             return
+        if self._full is not None:
+            self._full.on_exception(vector)
+            return
         self._finish(self._exception_exit(vector, self._read_rip()))
 
     def _hook_invalid(self, _uc: Any, _ud: Any) -> bool:
+        if self._full is not None and not self._stopping:
+            self._full.on_exception(6)  # #UD through the guest's IDT
+            return True
         if not self._stopping:
             rip = self._read_rip()
             exit_ = self._exception_exit(6, rip)
@@ -1183,6 +1216,70 @@ class UnicornVcpu:
             self._kick.clear()
             return Exit(ExitKind.KICKED, "kicked")
         return self._halt_exit()
+
+    def _run_full(self, full: FullCpu) -> Exit:
+        """The run loop of full-CPU mode: counted slices, interrupts between them."""
+        uc = self._uc
+        while True:
+            if self._final is not None:
+                return Exit(self._final.kind, self._final.reason, self._final.status)
+            if self._batch is not None:
+                self._resync_batch()
+            full.begin_iteration()
+            if full.halted and not full.wait_for_interrupt(self._kick):
+                self._kick.clear()
+                return Exit(ExitKind.KICKED, "kicked while halted")
+            try:
+                full.deliver_interrupt()
+            except TripleFault as e:
+                return self._shutdown(str(e))
+            if full.halted:
+                continue
+            rip = self._read_rip()
+            with self._lock:
+                if self._kick.is_set():
+                    self._kick.clear()
+                    return Exit(ExitKind.KICKED, "kicked")
+                self._running = True
+                self._run_gen += 1
+            error: UcError | None = None
+            full.start_slice()
+            try:
+                uc.emu_start(rip, 0)
+            except UcError as e:
+                error = e
+            finally:
+                with self._lock:
+                    self._running = False
+            self._stopping = False
+            if full.event is not None and self._final is None and self._failure is None \
+                    and self._deferred is None:
+                try:
+                    full.apply_event()
+                except TripleFault as e:
+                    return self._shutdown(str(e))
+                continue
+            full.event = None
+            if self._final is not None or self._failure is not None \
+                    or self._deferred is not None or error is not None:
+                outcome = self._settle(error)
+                if outcome is not None:
+                    return outcome
+                continue
+            if self._kick.is_set():
+                self._kick.clear()
+                return Exit(ExitKind.KICKED, "kicked")
+            rip = self._read_rip()
+            if full.check_halt(rip):
+                if int(uc.reg_read(x86.UC_X86_REG_RFLAGS)) & _RFLAGS_IF:
+                    full.halted = True
+                    continue
+                return Exit(ExitKind.HALTED, f"hlt at rip {rip - 1:#x} with interrupts "
+                                             f"disabled")
+
+    def _shutdown(self, why: str) -> Exit:
+        self._final = Exit(ExitKind.SHUTDOWN, f"triple fault: {why}")
+        return Exit(self._final.kind, self._final.reason)
 
     def _halt_exit(self) -> Exit | None:
         rip = self._read_rip()

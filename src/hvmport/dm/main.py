@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import ctypes
 import errno
+import functools
 import json
 import os
 import signal
@@ -139,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--serial", default="-", metavar="-|none|FILE|fd:N",
                    help="where the UART's output goes (default: stdout); fd:N is an "
                    "inherited stream socket that also carries the console's input")
+    p.add_argument("--serial-input", default="none", metavar="none|fd:N",
+                   help="bytes readable on this inherited descriptor arrive at the UART's "
+                   "receiver (an interactive serial console)")
     p.add_argument("--machine", type=_machine, default={},
                    metavar="TYPE[,vmport=on|off]",
                    help="machine options as libxl passes them to QEMU; vmport=off leaves "
@@ -190,6 +194,7 @@ class DeviceModelProcess:
             from hvmport.trace.recorder import Tracer
 
             self.tracer = Tracer(args.trace, domid=self.domid, role="device-model")
+        self._serial_in = self._input_fd(args.serial_input)
 
     # ------------------------------------------------------------------ devices
 
@@ -200,6 +205,30 @@ class DeviceModelProcess:
         if where == "-":
             return os.fdopen(os.dup(1), "wb", buffering=0)
         return open(where.removeprefix("file:"), "ab", buffering=0)
+
+    @staticmethod
+    def _input_fd(where: str) -> int | None:
+        if where == "none":
+            return None
+        if where.startswith("fd:") and where[3:].isdigit():
+            # Left blocking (the flag would be shared with the user's terminal): the loop
+            # reads only when select says the descriptor is readable.
+            return int(where[3:])
+        raise ConfigError(f"--serial-input {where!r}: use none or fd:N")
+
+    def _serial_input(self, loop: IoreqLoop) -> bool:
+        """Host bytes for the UART's receiver; at end of input, stop watching (the guest
+        keeps running)."""
+        assert self._serial_in is not None and self.uart is not None
+        try:
+            data = os.read(self._serial_in, 4096)
+        except OSError:
+            data = b""
+        if not data:
+            loop.watch.pop(self._serial_in, None)
+            return True
+        self.uart.feed(data)
+        return True
 
     def _serial_out(self, data: bytes) -> None:
         if self._serial is not None:
@@ -248,6 +277,7 @@ class DeviceModelProcess:
                 self.bus.register(first, last, i8042, "i8042")
                 ranges.append((first, last))
             self.bus.register(*COM1, uart, "uart")
+            self.uart = uart
             ranges.append(COM1)
             self.uart = uart
             self.i8042 = i8042
@@ -337,6 +367,8 @@ class DeviceModelProcess:
             loop.watch_providers.append(self._console_watch)
         if self.guestrpc is not None and args.guestrpc_hb:
             loop.string_ports[HB_PORT] = self.guestrpc.high_bandwidth_call
+        if self._serial_in is not None and self.uart is not None:
+            loop.watch[self._serial_in] = functools.partial(self._serial_input, loop)
         if args.qmp:
             self.monitor = Monitor(self.vmmouse, self.i8042, machine=_Machine(c, domid),
                                    emit=self._emit)

@@ -25,6 +25,7 @@ from hvmport.cpu.base import MmioAccess, PortAccess, Regs, VcpuContext, VcpuStop
 from hvmport.hv.memory import GuestMemory
 from hvmport.hv.pic import PORTS as PIC_PORTS
 from hvmport.hv.pic import Pic
+from hvmport.hv.platform import Platform
 from hvmport.trace.recorder import Regs as Regs32
 from hvmport.trace.recorder import Tracer, regs32
 
@@ -99,7 +100,8 @@ class Emulator:
                  waiter: Waiter | None = None, pic: Pic | None = None,
                  domain_lock: threading.Lock | None = None,
                  tracer: Tracer | None = None,
-                 staging: Staging | None = None) -> None:
+                 staging: Staging | None = None,
+                 platform: Platform | None = None) -> None:
         self.domain = domain
         #: Where trace events go; None (tracing off) costs an ``is not None`` test or two
         #: per access.
@@ -117,6 +119,12 @@ class Emulator:
         self.staging = staging
         #: (route, backdoor command or None) -> how many accesses took that way.
         self.routes: Counter[tuple[str, int | None]] = Counter()
+        #: The whole PC platform (PIC, PIT, RTC, 0xcf9) where the backend has no irqchip;
+        #: it brings its own PIC and lock.
+        self.platform = platform
+        if platform is not None:
+            self.pic = platform.pic
+            self.pic_lock = platform.lock
 
     def port_io(self, ctx: VcpuContext, access: PortAccess) -> bytes | None:
         port = access.port
@@ -133,6 +141,8 @@ class Emulator:
                 value = int.from_bytes(access.data[: access.size], "little")
                 raise VcpuStop((value << 1) | 1, f"isa-debug-exit wrote {value:#x}")
             return bytes(access.size * access.count)
+        if self.platform is not None and self.platform.claims(port, access.size):
+            return self._platform(access)
         if self.pic is not None and port in PIC_PORTS:
             return self._pic(access)
         if access.string:
@@ -152,8 +162,23 @@ class Emulator:
                     out += b"\xff" * (access.size - 1)
         return None if access.is_write else bytes(out)
 
+    def _platform(self, access: PortAccess) -> bytes | None:
+        assert self.platform is not None
+        out = bytearray()
+        for i in range(access.count):
+            # Byte-wide registers: a wider access reaches the low byte's port only.
+            if access.is_write:
+                self.platform.write(access.port, access.data[i * access.size])
+            else:
+                out.append(self.platform.read(access.port))
+                out += b"\xff" * (access.size - 1)
+        return None if access.is_write else bytes(out)
+
     def set_irq(self, irq: int, level: int) -> None:
         """An ISA interrupt line from a device model, into the hypervisor's PIC."""
+        if self.platform is not None:
+            self.platform.set_irq(irq, level)  # also wakes a halted full-CPU vCPU
+            return
         if self.pic is not None:
             with self.pic_lock:
                 self.pic.set_irq(irq, level)

@@ -135,3 +135,30 @@ class Pic:
                     if sreq & (1 << sbit):
                         return self.slave.vector_base | sbit
         return None
+
+    def acknowledge(self) -> int | None:
+        """The CPU's interrupt acknowledge: the vector of :meth:`pending`, moved from IRR
+        to ISR (edge requests are consumed; in auto-EOI mode ISR is left clear)."""
+        vector = self.pending()
+        if vector is None:
+            return None
+        master_bit = self._master_bit(vector)
+        self._ack(self.master, master_bit)
+        if master_bit == CASCADE_IRQ:
+            self._ack(self.slave, vector - self.slave.vector_base)
+            self._cascade()
+        return vector
+
+    def _master_bit(self, vector: int) -> int:
+        base = self.master.vector_base
+        if base <= vector < base + 8 and vector - base != CASCADE_IRQ:
+            return vector - base
+        return CASCADE_IRQ
+
+    @staticmethod
+    def _ack(chip: _Chip, bit: int) -> None:
+        mask = 1 << bit
+        if not chip.elcr & mask:
+            chip.irr &= ~mask
+        if not chip.auto_eoi:
+            chip.isr |= mask

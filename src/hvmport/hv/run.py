@@ -43,7 +43,7 @@ from hvmport.hv.evtchn import Channel
 from hvmport.hv.launch import DeviceModelProcess
 from hvmport.hv.lifecycle import Ending, EndRequest, Lifecycle
 from hvmport.hv.memory import GuestMemory, check_memory_mib
-from hvmport.hv.pic import Pic
+from hvmport.hv.platform import Platform
 from hvmport.hv.shmem import MemfdPages
 from hvmport.hv.tracing import RunTrace
 from hvmport.hv.wait import DeviceModelWaiter
@@ -65,13 +65,14 @@ class SystemClock:
 
 @dataclass(slots=True)
 class Image:
-    """What to load: a Multiboot ELF, or a flat binary at an address in a mode."""
+    """What to load: a Multiboot ELF, a Linux bzImage or vmlinux (with an optional
+    initrd), or a flat binary at an address in a mode."""
 
     path: Path
     flat_mode: Mode | None = None
     load_addr: int = 0x100000
     cmdline: str = ""
-    #: A Multiboot module (xl.cfg's ``ramdisk``).
+    #: A Linux initrd, or for a Multiboot kernel its one module (xl.cfg's ``ramdisk``).
     ramdisk: Path | None = None
 
 
@@ -119,6 +120,10 @@ class RunConfig:
     #: The per-domain ring-3 policy of the user backend: its port I/O reaches the
     #: backdoor (on) or is a SIGSEGV as on bare metal (off).
     vmware_port_ring3: bool = True
+    #: Unicorn as a full PC CPU (interrupts, exceptions through the guest's IDT, SYSCALL;
+    #: hvmport.cpu.uc_fullcpu). None: on for Linux kernels, off for other guests, whose
+    #: exceptions then end the run. KVM is always a full CPU.
+    full_cpu: bool | None = None
 
 
 @dataclass(slots=True)
@@ -160,12 +165,27 @@ def validate(config: RunConfig) -> None:
         raise ConfigError("a ramdisk needs a Multiboot kernel, not a flat binary")
 
 
+def _is_linux(image: Image) -> bool:
+    from hvmport.hv import linuxboot
+
+    if image.flat_mode is not None:
+        return False
+    with image.path.open("rb") as f:
+        return linuxboot.is_linux_image(f.read(0x300))
+
+
 def _load(config: RunConfig, memory: GuestMemory) -> StartState:
     from hvmport.hv import loader
 
     image = config.image
     if image.flat_mode is None:
+        from hvmport.hv import linuxboot
+
+        if _is_linux(image):
+            return linuxboot.load_linux(image.path, memory, image.cmdline, image.ramdisk)
         return loader.load_multiboot(image.path, memory, image.cmdline, image.ramdisk)
+    if image.ramdisk is not None:
+        raise ConfigError("a ramdisk needs a Linux or Multiboot kernel, not a flat binary")
     data = image.path.read_bytes()
     return loader.load_flat(data, memory, image.load_addr, image.flat_mode)
 
@@ -205,7 +225,17 @@ def run(config: RunConfig, clock: Clock | None = None) -> RunResult:
         start = (StartState(Mode.LONG64, Regs()) if config.program is not None
                  else _load(config, memory))
         cpuid: dict[tuple[int, int], tuple[int, int, int, int]] = {}
-        vm = backend.create_vm(VmConfig(memory, config.vcpus, cpuid, hypervisor_bit=True))
+        # Without an in-kernel irqchip the hypervisor is the PC platform (PIC, PIT, RTC,
+        # reset control); a reset through 0xcf9 ends the run as a reboot.
+        platform = Platform(lambda reason, who: lifecycle.shutdown(reason, who))
+        full_cpu = config.full_cpu if config.full_cpu is not None else _is_linux(config.image)
+        if full_cpu and backend.name == "unicorn" and config.vcpus > 1:
+            # Interrupts go to whichever vCPU looks first; a PC needs an APIC to route them.
+            raise ConfigError(f"vcpus={config.vcpus}: Unicorn's full-CPU mode (Linux "
+                              "kernels, --full-cpu) runs one vCPU")
+        vm = backend.create_vm(VmConfig(
+            memory, config.vcpus, cpuid, hypervisor_bit=True,
+            interrupts=platform if full_cpu and backend.name == "unicorn" else None))
         stack.callback(vm.close)
         tsc_khz = vm.tsc_khz
         # The leaves need the TSC frequency, which only the VM knows; vCPUs created below
@@ -235,8 +265,8 @@ def run(config: RunConfig, clock: Clock | None = None) -> RunResult:
         # Interrupt lines go to the in-kernel irqchip where the backend has one, else to
         # the hypervisor's own PIC model.
         kernel_irq = _irq_sink(vm)
-        emulator = emulate.Emulator(domain, config.console, waiter,
-                                    pic=None if kernel_irq else Pic(), domain_lock=lock,
+        emulator = emulate.Emulator(domain, config.console, waiter, domain_lock=lock,
+                                    platform=None if kernel_irq else platform,
                                     tracer=tracing.tracer if tracing is not None else None,
                                     staging=emulate.Staging(memory))
         irq_sink = kernel_irq or emulator.set_irq
