@@ -284,12 +284,14 @@ def test_guest_reads_boot_params(tmp_path: Path, backend: str, kind: str) -> Non
     assert run.status == (3 << 1) | 1, run.stderr
 
 
-def test_ramdisk_needs_a_linux_kernel(tmp_path: Path) -> None:
+def test_a_ramdisk_needs_a_kernel_not_a_flat_binary(tmp_path: Path) -> None:
+    """A Linux kernel takes it as its initrd, a Multiboot kernel as its one module (see
+    test_loader); a flat binary has nowhere to be told where it is."""
     from conftest import guest
 
     initrd = tmp_path / "initrd"
     initrd.write_bytes(b"x")
-    run = hvmport_run(tmp_path, "--backend", "unicorn", "--kernel", guest("demo"),
-                      "--ramdisk", str(initrd))
+    run = hvmport_run(tmp_path, "--backend", "unicorn", "--kernel", guest("demo", "flat32"),
+                      "--mode", "32", "--ramdisk", str(initrd))
     assert run.status == 2
-    assert "a ramdisk needs a Linux kernel" in run.stderr
+    assert "a ramdisk needs a Linux or Multiboot kernel, not a flat binary" in run.stderr

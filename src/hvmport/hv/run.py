@@ -162,7 +162,7 @@ def validate(config: RunConfig) -> None:
     if not config.image.path.is_file():
         raise ConfigError(f"{config.image.path}: no such file")
     if config.image.ramdisk is not None and config.image.flat_mode is not None:
-        raise ConfigError("a ramdisk needs a Multiboot kernel, not a flat binary")
+        raise ConfigError("a ramdisk needs a Linux or Multiboot kernel, not a flat binary")
 
 
 def _is_linux(image: Image) -> bool:
@@ -228,7 +228,8 @@ def run(config: RunConfig, clock: Clock | None = None) -> RunResult:
         # Without an in-kernel irqchip the hypervisor is the PC platform (PIC, PIT, RTC,
         # reset control); a reset through 0xcf9 ends the run as a reboot.
         platform = Platform(lambda reason, who: lifecycle.shutdown(reason, who))
-        full_cpu = config.full_cpu if config.full_cpu is not None else _is_linux(config.image)
+        full_cpu = (config.full_cpu if config.full_cpu is not None
+                    else config.program is None and _is_linux(config.image))
         if full_cpu and backend.name == "unicorn" and config.vcpus > 1:
             # Interrupts go to whichever vCPU looks first; a PC needs an APIC to route them.
             raise ConfigError(f"vcpus={config.vcpus}: Unicorn's full-CPU mode (Linux "
