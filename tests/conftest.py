@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from tests.xltools import Xl
 
 
 def kvm_unusable() -> str | None:
@@ -54,3 +62,17 @@ def guest(name: str, variant: str = "multiboot") -> str:
     from hvmport import guests
 
     return str(guests.guest_path(name, variant))
+
+
+@pytest.fixture
+def xl(tmp_path: Path) -> Iterator[Xl]:
+    """The xl verbs against a private run directory; whatever a failing test left running
+    is killed, so that nothing outlives the test."""
+    from tests.xltools import Xl
+
+    x = Xl(tmp_path)
+    yield x
+    if x.run_dir.exists():
+        for d in x.domains():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(d["pid"], signal.SIGKILL)

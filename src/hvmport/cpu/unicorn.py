@@ -810,12 +810,9 @@ class UnicornVcpu:
                 if self._batch is not None:
                     self._resync_batch()
                 rip = self._read_rip()
-                with self._lock:
-                    if self._kick.is_set():
-                        self._kick.clear()
-                        return Exit(ExitKind.KICKED, "kicked")
-                    self._running = True
-                    self._run_gen += 1
+                kicked = self._enter_run()
+                if kicked is not None:
+                    return kicked
                 error: UcError | None = None
                 turn = self._vm.turn
                 if turn is not None:
@@ -1236,12 +1233,9 @@ class UnicornVcpu:
             if full.halted:
                 continue
             rip = self._read_rip()
-            with self._lock:
-                if self._kick.is_set():
-                    self._kick.clear()
-                    return Exit(ExitKind.KICKED, "kicked")
-                self._running = True
-                self._run_gen += 1
+            kicked = self._enter_run()
+            if kicked is not None:
+                return kicked
             error: UcError | None = None
             full.start_slice()
             try:
@@ -1372,6 +1366,16 @@ class UnicornVcpu:
         err = self._native.reg_write_batch(self._h, block.ids, block.ptrs, block.count)
         if err:
             raise HostError(f"Unicorn refused a register write: {_uc_error(err)}")
+
+    def _enter_run(self) -> Exit | None:
+        """Mark the vCPU running, unless a kick came first: then the KICKED exit."""
+        with self._lock:
+            if self._kick.is_set():
+                self._kick.clear()
+                return Exit(ExitKind.KICKED, "kicked")
+            self._running = True
+            self._run_gen += 1
+        return None
 
     def _read_rip(self) -> int:
         self._native.reg_read(self._h, self._rip_id, self._rip_ref)

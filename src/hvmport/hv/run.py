@@ -165,6 +165,14 @@ def validate(config: RunConfig) -> None:
         raise ConfigError("a ramdisk needs a Linux or Multiboot kernel, not a flat binary")
 
 
+def _why_not_kvm_for_linux() -> str:
+    """Why ``auto`` does not take KVM for a Linux kernel (it takes KVM for everything else)."""
+    if os.path.isdir("/sys/module/kvm_pvm"):
+        return ("this KVM is PVM-based (kvm_pvm), which cannot run a stock Linux kernel; "
+                "hvmport's PC platform for Linux runs on Unicorn")
+    return "hvmport's PC platform for Linux kernels (PIT, RTC, full-CPU mode) runs on Unicorn"
+
+
 def _is_linux(image: Image) -> bool:
     from hvmport.hv import linuxboot
 
@@ -207,6 +215,9 @@ def run(config: RunConfig, clock: Clock | None = None) -> RunResult:
 
         backend: Backend = UserBackend(config.program, ring3=config.vmware_port_ring3)
         picked = "user (the program runs natively under a ptrace supervisor)"
+    elif config.backend == "auto" and _is_linux(config.image):
+        backend, _ = select_backend("unicorn")
+        picked = f"unicorn (auto: {_why_not_kvm_for_linux()})"
     else:
         backend, picked = select_backend(config.backend)
     config.note(f"backend: {picked}")

@@ -132,7 +132,8 @@ def from_settings(cfg: xlcfg.XlConfig, base: Path) -> DomainConfig:
                                        "which hvmport does not do")
     kernel = reader.path("kernel", base)
     if kernel is None:
-        raise ConfigError('the domain needs a kernel (kernel="FILE": a Multiboot ELF)',
+        raise ConfigError('the domain needs a kernel (kernel="FILE": a Multiboot ELF, or a '
+                          'Linux bzImage or vmlinux)',
                           path=_source(cfg))
     hwver = reader.number("vmware_hwver", 0, 0, 0xFFFFFFFF)
     vmware_port = bool(reader.number("vmware_port", 1 if hwver else 0, 0, 1))
