@@ -18,6 +18,7 @@ from hvmport.toolchain import assemble_flat
 from tests import qemu_ref as qemu
 from tests.conftest import Run, guest, hvmport_run
 from tests.test_run import parse
+from tests.xltools import Xl
 
 MAGIC = "564d5868"
 
@@ -445,3 +446,39 @@ def test_mmio_reaches_the_device_model(tmp_path: Path, backend: str, bits: int) 
     assert out[4] == 0x11
     assert out[5:9] == b"\xff" * 4  # nobody claims 0xfd000000: all ones
     assert out[9:13] == b"ABCD"
+
+
+KBC_RESET = """
+    mov $0xfe, %al          # pulse the CPU reset line through the keyboard controller
+    out %al, $0x64
+1:  jmp 1b                  # without a reset this spins until the run's timeout
+"""
+
+
+def test_keyboard_controller_reset_reboots_the_domain(tmp_path: Path, backend: str) -> None:
+    image = tmp_path / "reset.bin"
+    image.write_bytes(assemble_flat(KBC_RESET, 32, 0x100000))
+    run = hvmport_run(tmp_path, "--backend", backend, "--kernel", str(image), "--mode", "32",
+                      "--timeout", "20")
+    # A reboot ends `hvmport run` like a power-off (status 0); a spin would be 124.
+    assert run.status == 0, run.stderr
+
+
+#: A Multiboot header with the a.out kludge: the flat image loads at 1 MiB, entry after it.
+MULTIBOOT_FLAT = """
+    .long 0x1badb002, 0x00010000, -(0x1badb002 + 0x00010000)
+    .long 0x100000, 0x100000, 0, 0, 0x100020
+"""
+
+
+def test_keyboard_controller_reset_restarts_an_xl_domain(xl: Xl) -> None:
+    """on_reboot decides; with "preserve" the domain stays, saying who asked."""
+    image = xl.tmp / "reset.mb"
+    image.write_bytes(assemble_flat(MULTIBOOT_FLAT + KBC_RESET, 32, 0x100000))
+    xl.create(xl.cfg("kbc", str(image), 'on_reboot = "preserve"'))
+    deadline = time.monotonic() + 30
+    while (info := xl.domain("kbc"))["state"] != "shutdown":
+        assert time.monotonic() < deadline, info
+        time.sleep(0.1)
+    assert info["reason"].startswith("reboot requested by device model"), info
+    assert xl("destroy", "kbc").returncode == 0

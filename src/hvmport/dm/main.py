@@ -268,10 +268,14 @@ class DeviceModelProcess:
             self._irq_levels[line] = level
             self.client.set_isa_irq_level(self.domid, line, level)
 
+    def _reboot(self) -> None:
+        self.client.remote_shutdown(self.domid, dmop.SHUTDOWN_reboot)
+
     def build_devices(self, ram_size: int) -> list[tuple[int, int]]:
         ranges: list[tuple[int, int]] = []
         if not self.args.disable_vmport:
-            i8042 = I8042(self.set_irq)
+            # The keyboard controller's reset line (Linux's reboot=k): the domain reboots.
+            i8042 = I8042(self.set_irq, request_reset=self._reboot)
             uart = Uart16550(self._serial_out, lambda level: self.set_irq(COM1_IRQ, level))
             for first, last in I8042_PORTS:
                 self.bus.register(first, last, i8042, "i8042")
