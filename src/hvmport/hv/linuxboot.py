@@ -79,8 +79,6 @@ OFF_EXT_CMD_LINE_PTR = 0x0C8
 OFF_E820_ENTRIES = 0x1E8
 OFF_E820_TABLE = 0x2D0
 E820_MAX = 128
-E820_RAM = 1
-E820_RESERVED = 2
 
 BOOT_FLAG = 0xAA55
 HEADER_MAGIC = b"HdrS"
@@ -216,12 +214,7 @@ def place(kernel: KernelImage, memory: GuestMemory, cmdline: str,
 
 def e820_map(ram_size: int) -> list[tuple[int, int, int]]:
     """(base, length, type) of every e820 entry for a guest with ``ram_size`` bytes."""
-    return [
-        (0, loader.LEGACY_HOLE_START, E820_RAM),
-        (loader.LEGACY_HOLE_START, loader.LEGACY_HOLE_END - loader.LEGACY_HOLE_START,
-         E820_RESERVED),
-        (loader.LEGACY_HOLE_END, ram_size - loader.LEGACY_HOLE_END, E820_RAM),
-    ]
+    return loader.memory_map(ram_size)
 
 
 def build_boot_params(setup_header: bytes, ram_size: int, initrd_addr: int,

@@ -515,13 +515,20 @@ def _load_module(path: str | os.PathLike[str], memory: GuestMemory,
     return start, start + len(data)
 
 
-def _write_multiboot_info(memory: GuestMemory, cmdline: bytes,
-                          module: tuple[int, int] | None = None) -> None:
-    mmap = [
+def memory_map(ram_size: int) -> list[tuple[int, int, int]]:
+    """(base, length, type) of the guest's RAM as every boot protocol here reports it: RAM
+    below the legacy hole, the hole reserved, RAM above it. Multiboot's map types and
+    Linux's e820 types agree (1 available, 2 reserved)."""
+    return [
         (0, LEGACY_HOLE_START, MMAP_AVAILABLE),
         (LEGACY_HOLE_START, LEGACY_HOLE_END - LEGACY_HOLE_START, MMAP_RESERVED),
-        (LEGACY_HOLE_END, memory.size - LEGACY_HOLE_END, MMAP_AVAILABLE),
+        (LEGACY_HOLE_END, ram_size - LEGACY_HOLE_END, MMAP_AVAILABLE),
     ]
+
+
+def _write_multiboot_info(memory: GuestMemory, cmdline: bytes,
+                          module: tuple[int, int] | None = None) -> None:
+    mmap = memory_map(memory.size)
     mmap_bytes = b"".join(struct.pack("<IQQI", MMAP_ENTRY_SIZE - 4, base, length, kind)
                           for base, length, kind in mmap)
     info = bytearray(MBI_SIZE)
