@@ -182,14 +182,14 @@ def _is_linux(image: Image) -> bool:
         return linuxboot.is_linux_image(f.read(0x300))
 
 
-def _load(config: RunConfig, memory: GuestMemory) -> StartState:
+def _load(config: RunConfig, memory: GuestMemory, linux: bool) -> StartState:
     from hvmport.hv import loader
 
     image = config.image
     if image.flat_mode is None:
         from hvmport.hv import linuxboot
 
-        if _is_linux(image):
+        if linux:
             return linuxboot.load_linux(image.path, memory, image.cmdline, image.ramdisk)
         return loader.load_multiboot(image.path, memory, image.cmdline, image.ramdisk)
     if image.ramdisk is not None:
@@ -210,12 +210,14 @@ def _run_dir() -> Iterator[str]:
 
 def run(config: RunConfig, clock: Clock | None = None) -> RunResult:
     validate(config)
+    # What the image is decides the backend (auto), the loader and Unicorn's mode: look once.
+    linux = config.program is None and _is_linux(config.image)
     if config.program is not None:
         from hvmport.cpu.user import UserBackend
 
         backend: Backend = UserBackend(config.program, ring3=config.vmware_port_ring3)
         picked = "user (the program runs natively under a ptrace supervisor)"
-    elif config.backend == "auto" and _is_linux(config.image):
+    elif config.backend == "auto" and linux:
         backend, _ = select_backend("unicorn")
         picked = f"unicorn (auto: {_why_not_kvm_for_linux()})"
     else:
@@ -234,13 +236,12 @@ def run(config: RunConfig, clock: Clock | None = None) -> RunResult:
             # Registered first, so it runs last: once every device model has ended.
             stack.callback(tracing.finish)
         start = (StartState(Mode.LONG64, Regs()) if config.program is not None
-                 else _load(config, memory))
+                 else _load(config, memory, linux))
         cpuid: dict[tuple[int, int], tuple[int, int, int, int]] = {}
         # Without an in-kernel irqchip the hypervisor is the PC platform (PIC, PIT, RTC,
         # reset control); a reset through 0xcf9 ends the run as a reboot.
         platform = Platform(lambda reason, who: lifecycle.shutdown(reason, who))
-        full_cpu = (config.full_cpu if config.full_cpu is not None
-                    else config.program is None and _is_linux(config.image))
+        full_cpu = config.full_cpu if config.full_cpu is not None else linux
         if full_cpu and backend.name == "unicorn" and config.vcpus > 1:
             # Interrupts go to whichever vCPU looks first; a PC needs an APIC to route them.
             raise ConfigError(f"vcpus={config.vcpus}: Unicorn's full-CPU mode (Linux "
