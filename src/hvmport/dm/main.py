@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
-import errno
-import functools
 import json
 import os
 import signal
@@ -29,6 +27,7 @@ from typing import TYPE_CHECKING, BinaryIO
 from hvmport import atomic
 from hvmport.abi import dm_op as dmop
 from hvmport.abi import ioreq as abi
+from hvmport.abi import vmware as vm
 from hvmport.dm.client import (
     VMPORT_TRANSPORTS,
     DeviceModel,
@@ -37,7 +36,7 @@ from hvmport.dm.client import (
     vmport_transport_flags,
 )
 from hvmport.dm.devices.bus import PortBus
-from hvmport.dm.devices.guestrpc import BDOOR_CMD_MESSAGE, HB_PORT, GuestRpc
+from hvmport.dm.devices.guestrpc import GuestRpc
 from hvmport.dm.devices.i8042 import I8042
 from hvmport.dm.devices.mmio import MmioBus
 from hvmport.dm.devices.scratch import MAX_SCRATCH, ScratchRegisters
@@ -194,7 +193,14 @@ class DeviceModelProcess:
             from hvmport.trace.recorder import Tracer
 
             self.tracer = Tracer(args.trace, domid=self.domid, role="device-model")
-        self._serial_in = self._input_fd(args.serial_input)
+        # One host input for the UART: the console socket, or --serial-input's descriptor.
+        self._input: int | None = None
+        if self._console is not None:
+            if args.serial_input != "none":
+                raise ConfigError("--serial fd:N carries the input already; drop --serial-input")
+            self._input = self._console.fileno()
+        else:
+            self._input = self._input_fd(args.serial_input)
 
     # ------------------------------------------------------------------ devices
 
@@ -216,20 +222,6 @@ class DeviceModelProcess:
             return int(where[3:])
         raise ConfigError(f"--serial-input {where!r}: use none or fd:N")
 
-    def _serial_input(self, loop: IoreqLoop) -> bool:
-        """Host bytes for the UART's receiver; at end of input, stop watching (the guest
-        keeps running)."""
-        assert self._serial_in is not None and self.uart is not None
-        try:
-            data = os.read(self._serial_in, 4096)
-        except OSError:
-            data = b""
-        if not data:
-            loop.watch.pop(self._serial_in, None)
-            return True
-        self.uart.feed(data)
-        return True
-
     def _serial_out(self, data: bytes) -> None:
         if self._serial is not None:
             self._serial.write(data)
@@ -238,27 +230,29 @@ class DeviceModelProcess:
             with contextlib.suppress(BlockingIOError, InterruptedError):
                 self._console.send(data)
 
-    def _console_watch(self) -> dict[int, Callable[[], bool]]:
+    def _input_watch(self) -> dict[int, Callable[[], bool]]:
         # Read host input only while the UART has room, so that nothing typed is lost.
-        if (self._console is None or self.uart is None
+        if (self._input is None or self.uart is None
                 or self.uart.rx_pending >= CONSOLE_RX_ROOM):
             return {}
-        return {self._console.fileno(): self._console_input}
+        return {self._input: self._host_input}
 
-    def _console_input(self) -> bool:
-        assert self._console is not None and self.uart is not None
+    def _host_input(self) -> bool:
+        """Host bytes for the UART's receiver; at end of input, stop reading (the guest
+        keeps running)."""
+        assert self._input is not None and self.uart is not None
         try:
-            data = self._console.recv(CONSOLE_RX_ROOM - self.uart.rx_pending)
+            data = os.read(self._input, CONSOLE_RX_ROOM - self.uart.rx_pending)
         except BlockingIOError:
             return True
-        except OSError as e:
-            if e.errno != errno.ECONNRESET:
-                raise
+        except OSError:
             data = b""
         if not data:
-            # The toolstack went away: no console any more, the guest runs on.
-            self._console.close()
-            self._console = None
+            if self._console is not None and self._input == self._console.fileno():
+                # The toolstack went away: no console any more, output included.
+                self._console.close()
+                self._console = None
+            self._input = None
             return True
         self.uart.feed(data)
         return True
@@ -295,10 +289,10 @@ class DeviceModelProcess:
             if self.args.guestrpc:
                 self.guestrpc = GuestRpc(dict(self.args.guestinfo),
                                          high_bandwidth=self.args.guestrpc_hb)
-                self.vmport.register(BDOOR_CMD_MESSAGE, self.guestrpc.message)
+                self.vmport.register(vm.BDOOR_CMD_MESSAGE, self.guestrpc.message)
                 if self.args.guestrpc_hb:
                     # Only string I/O reaches it: IN/OUT on 0x5659 stay the backdoor's.
-                    ranges.append((HB_PORT, HB_PORT))
+                    ranges.append((vm.BDOORHB_PORT, vm.BDOORHB_PORT))
         for first, last in self.args.ports:
             self.bus.register(first, last, ScratchRegisters(first, last), "scratch")
             ranges.append((first, last))
@@ -367,12 +361,10 @@ class DeviceModelProcess:
             add32=atomic.add32, watch={c.fileno(): self._hypervisor_gone},
             tracer=self.tracer, server_id=sid,
         )
-        if self._console is not None:
-            loop.watch_providers.append(self._console_watch)
+        if self._input is not None:
+            loop.watch_providers.append(self._input_watch)
         if self.guestrpc is not None and args.guestrpc_hb:
-            loop.string_ports[HB_PORT] = self.guestrpc.high_bandwidth_call
-        if self._serial_in is not None and self.uart is not None:
-            loop.watch[self._serial_in] = functools.partial(self._serial_input, loop)
+            loop.string_ports[vm.BDOORHB_PORT] = self.guestrpc.high_bandwidth_call
         if args.qmp:
             self.monitor = Monitor(self.vmmouse, self.i8042, machine=_Machine(c, domid),
                                    emit=self._emit)

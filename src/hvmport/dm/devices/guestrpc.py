@@ -29,25 +29,10 @@ import time
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
 
+from hvmport.abi import vmware as vm
 from hvmport.dm.devices.vmport import VmportRegs
 
 MASK32 = 0xFFFFFFFF
-BDOOR_CMD_MESSAGE = 30
-HB_PORT = 0x5659
-BDOORHB_CMD_MESSAGE = 0
-
-MESSAGE_TYPE_OPEN = 0
-MESSAGE_TYPE_SENDSIZE = 1
-MESSAGE_TYPE_SENDPAYLOAD = 2
-MESSAGE_TYPE_RECVSIZE = 3
-MESSAGE_TYPE_RECVPAYLOAD = 4
-MESSAGE_TYPE_RECVSTATUS = 5
-MESSAGE_TYPE_CLOSE = 6
-
-STATUS_SUCCESS = 0x0001
-STATUS_DORECV = 0x0002
-STATUS_CLOSED = 0x0004
-STATUS_HB = 0x0080
 
 FLAG_COOKIE = 0x80000000
 PROTO_RPCI = 0x49435052
@@ -107,55 +92,55 @@ class GuestRpc:
         kind = regs.ecx >> 16
         self.stats.calls[kind] = self.stats.calls.get(kind, 0) + 1
         status = self._message(kind, regs)
-        if not status & STATUS_SUCCESS:
+        if not status & vm.MESSAGE_STATUS_SUCCESS:
             self.stats.rejected += 1
         regs.ecx = (status << 16) & MASK32
         return regs.eax
 
     def _message(self, kind: int, regs: VmportRegs) -> int:
-        if kind == MESSAGE_TYPE_OPEN:
+        if kind == vm.MESSAGE_TYPE_OPEN:
             return self._open(regs)
         cid = regs.edx >> 16
         chan = self._channel(cid, (regs.esi, regs.edi))
         if chan is None:
             return 0
-        hb = STATUS_HB if self.high_bandwidth else 0
-        if kind == MESSAGE_TYPE_SENDSIZE:
+        hb = vm.MESSAGE_STATUS_HB if self.high_bandwidth else 0
+        if kind == vm.MESSAGE_TYPE_SENDSIZE:
             if regs.ebx > MAX_MESSAGE:
                 return 0
             chan.send_size, chan.send = regs.ebx, bytearray()
             chan.reply, chan.reply_pos = None, 0
             if regs.ebx == 0:
                 self._complete(chan)
-            return STATUS_SUCCESS | hb
-        if kind == MESSAGE_TYPE_SENDPAYLOAD:
+            return vm.MESSAGE_STATUS_SUCCESS | hb
+        if kind == vm.MESSAGE_TYPE_SENDPAYLOAD:
             if chan.send_size is None:
                 return 0
             self._append(chan, regs.ebx.to_bytes(4, "little"))
-            return STATUS_SUCCESS
-        if kind == MESSAGE_TYPE_RECVSIZE:
+            return vm.MESSAGE_STATUS_SUCCESS
+        if kind == vm.MESSAGE_TYPE_RECVSIZE:
             if chan.reply is None:
                 regs.ebx = 0
-                return STATUS_SUCCESS
+                return vm.MESSAGE_STATUS_SUCCESS
             regs.ebx = len(chan.reply)
-            regs.edx = (MESSAGE_TYPE_SENDSIZE << 16) | (regs.edx & 0xFFFF)
-            return STATUS_SUCCESS | STATUS_DORECV | hb
-        if kind == MESSAGE_TYPE_RECVPAYLOAD:
+            regs.edx = (vm.MESSAGE_TYPE_SENDSIZE << 16) | (regs.edx & 0xFFFF)
+            return vm.MESSAGE_STATUS_SUCCESS | vm.MESSAGE_STATUS_DORECV | hb
+        if kind == vm.MESSAGE_TYPE_RECVPAYLOAD:
             if chan.reply is None:
                 return 0
             chunk = chan.reply[chan.reply_pos:chan.reply_pos + 4]
             chan.reply_pos += len(chunk)
             regs.ebx = int.from_bytes(chunk.ljust(4, b"\0"), "little")
-            regs.edx = (MESSAGE_TYPE_SENDPAYLOAD << 16) | (regs.edx & 0xFFFF)
-            return STATUS_SUCCESS
-        if kind == MESSAGE_TYPE_RECVSTATUS:
+            regs.edx = (vm.MESSAGE_TYPE_SENDPAYLOAD << 16) | (regs.edx & 0xFFFF)
+            return vm.MESSAGE_STATUS_SUCCESS
+        if kind == vm.MESSAGE_TYPE_RECVSTATUS:
             if chan.reply is None:
                 return 0
             chan.reply, chan.reply_pos = None, 0
-            return STATUS_SUCCESS
-        if kind == MESSAGE_TYPE_CLOSE:
+            return vm.MESSAGE_STATUS_SUCCESS
+        if kind == vm.MESSAGE_TYPE_CLOSE:
             self.channels[cid] = None
-            return STATUS_SUCCESS
+            return vm.MESSAGE_STATUS_SUCCESS
         return 0
 
     def _open(self, regs: VmportRegs) -> int:
@@ -175,7 +160,7 @@ class GuestRpc:
             regs.esi, regs.edi = cookie
         self.channels[cid] = Channel(proto, cookie, now)
         regs.edx = (cid << 16) | (regs.edx & 0xFFFF)
-        return STATUS_SUCCESS
+        return vm.MESSAGE_STATUS_SUCCESS
 
     def _last_used(self, cid: int) -> float:
         chan = self.channels[cid]
@@ -221,17 +206,17 @@ class GuestRpc:
             self.stats.hb_in += 1
             cookie = (esi, ebp)
         chan = self._channel(edx >> 16, cookie) if self.high_bandwidth else None
-        if chan is not None and ebx & 0xFFFF == BDOORHB_CMD_MESSAGE:
+        if chan is not None and ebx & 0xFFFF == vm.BDOORHB_CMD_MESSAGE:
             if guest_to_host and chan.send_size is not None \
                     and len(chan.send) + len(buffer) <= chan.send_size:
                 self._append(chan, bytes(buffer))
-                status = STATUS_SUCCESS
+                status = vm.MESSAGE_STATUS_SUCCESS
             elif not guest_to_host and chan.reply is not None \
                     and chan.reply_pos + len(buffer) <= len(chan.reply):
                 end = chan.reply_pos + len(buffer)
                 buffer[:] = chan.reply[chan.reply_pos:end]
                 chan.reply_pos = end
-                status = STATUS_SUCCESS
+                status = vm.MESSAGE_STATUS_SUCCESS
         if not status:
             self.stats.rejected += 1
         regs[0] = ((status << 16) | (ebx & 0xFFFF)) & MASK32
